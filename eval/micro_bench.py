@@ -1,0 +1,117 @@
+"""Micro-benchmark: every decoder on the same model, observations and
+machine, in one process. Prints NFE and query tokens per chunk (machine-
+independent), latency, action tokens/s and the speedup over vanilla.
+
+    fast-dvla micro-bench [--teacher DIR --student DIR] [--batch 1] [--repeats 10]
+
+Without checkpoints it uses a randomly initialised reference model: its
+confidences are near-uniform, so the thresholded decoders fall back to the
+1/n rule and the numbers show the engine's cost, not a trained policy's.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+
+import numpy as np
+import torch
+
+from fast_dvla import DecodeConfig, FastDVLAPolicy
+from fast_dvla.config import METHODS
+from fast_dvla.model import ModelConfig, ReferenceDVLA
+from fast_dvla.tokenizer import ActionTokenizer
+
+from .report import markdown_table, write_json
+from .timing import summarize, timed
+
+TEACHER_METHODS = ("vanilla", "fast_dllm")  # decoders of the bidirectional teacher
+
+
+def random_policy(seed: int) -> FastDVLAPolicy:
+    torch.manual_seed(seed)
+    model = ReferenceDVLA(ModelConfig())
+    tok = ActionTokenizer(-np.ones(7), np.ones(7), gripper_dims=(6,))
+    return FastDVLAPolicy(model, tok)
+
+
+def random_observation(policy: FastDVLAPolicy, batch: int, seed: int) -> dict:
+    cfg = policy.model.config
+    rng = np.random.default_rng(seed)
+    size = (batch, cfg.image_size, cfg.image_size, 3)
+    return {"images": {c: rng.integers(0, 256, size, dtype=np.uint8) for c in cfg.cameras},
+            "state": rng.normal(size=(batch, cfg.state_dim)).astype(np.float32),
+            "instruction": ["pick up the alphabet soup and place it in the basket"] * batch}
+
+
+def run(args) -> dict:
+    if bool(args.teacher) != bool(args.student):
+        raise SystemExit("give both --teacher and --student, or neither")
+    if args.teacher:
+        teacher = FastDVLAPolicy.from_pretrained(args.teacher)
+        student = FastDVLAPolicy.from_pretrained(args.student)
+        model_desc = f"teacher={args.teacher} student={args.student}"
+    else:
+        teacher = student = random_policy(args.seed)
+        model_desc = "random-init reference model (no checkpoint given)"
+    base = DecodeConfig(tau_conf=args.tau_conf, tau_add=args.tau_add, tau_act=args.tau_act,
+                        vanilla_steps=args.vanilla_steps)
+    obs = random_observation(teacher, args.batch, args.seed)
+    configs = {m: base.replace(method=m) for m in METHODS}
+    policies = {m: teacher if m in TEACHER_METHODS else student for m in METHODS}
+    times = {m: [] for m in METHODS}
+    stats = {}
+    for rep in range(args.warmup + args.repeats):
+        for m in METHODS:  # interleaved, so drift hits every decoder alike
+            _, dt = timed(lambda: policies[m].predict_action_chunk(obs, configs[m]))
+            if rep >= args.warmup:
+                times[m].append(dt)
+            stats[m] = policies[m].last_stats
+    chunk_tokens = teacher.model.chunk_len * args.batch
+    rows = []
+    for m in METHODS:
+        lat = summarize(times[m])
+        rows.append({"method": m, "nfe": stats[m].nfe, "query_tokens": stats[m].query_tokens,
+                     "latency_ms": lat["median_s"] * 1e3, "p90_ms": lat["p90_s"] * 1e3,
+                     "tokens_per_s": chunk_tokens / lat["median_s"]})
+    vanilla = next(r for r in rows if r["method"] == "vanilla")
+    for r in rows:
+        r["speedup"] = r["tokens_per_s"] / vanilla["tokens_per_s"]
+    return {"model": model_desc, "batch": args.batch, "repeats": args.repeats, "decode": base.to_dict(),
+            "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+            "date": datetime.date.today().isoformat(), "results": rows}
+
+
+COLUMNS = [("method", "decoder", "s"), ("nfe", "NFE", "d"), ("query_tokens", "query tokens/chunk", "d"),
+           ("latency_ms", "latency ms (median)", ".1f"), ("p90_ms", "p90 ms", ".1f"),
+           ("tokens_per_s", "action tokens/s", ".0f"), ("speedup", "x vanilla", ".2f")]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", help="teacher checkpoint directory (vanilla, fast_dllm)")
+    p.add_argument("--student", help="student checkpoint directory (block_diffusion, fast_dvla)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--tau-conf", type=float, default=0.5)
+    p.add_argument("--tau-add", type=float, default=0.5)
+    p.add_argument("--tau-act", type=float, default=0.7)
+    p.add_argument("--vanilla-steps", type=int, default=12)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write the results as JSON here")
+
+
+def main(args) -> None:
+    result = run(args)
+    print(f"# micro-benchmark: {result['model']}, batch {result['batch']}, {result['repeats']} repeats, "
+          f"{result['torch_threads']} threads")
+    print(markdown_table(result["results"], COLUMNS))
+    if args.out:
+        write_json(args.out, result)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    main(parser.parse_args())

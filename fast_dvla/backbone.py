@@ -1,0 +1,94 @@
+"""The contract between the decoding engine and a dVLA, and its
+implementation for transformers backbones.
+
+The engine needs four things from a model: embeddings for action tokens,
+a backbone forward that takes input embeddings, absolute positions, a 4D
+boolean mask and (optionally) a :class:`BlockKVCache`, the action-logit
+head, and the shape of its chunk. Any backbone that accepts a 4D mask and a
+KV cache can be decoded; :class:`TransformersBackbone` wraps a transformers
+decoder (``LlamaModel``, ``Qwen2Model``, ...).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .cache import BlockKVCache
+from .masks import to_additive
+
+
+class DVLAModel(nn.Module):
+    """Base class for anything :func:`fast_dvla.decode` can decode.
+
+    Subclasses set ``chunk_len`` (action tokens per chunk), ``block_size``,
+    ``n_bins`` (action vocabulary; ``mask_token_id == n_bins``) and
+    implement the three methods below.
+    """
+
+    chunk_len: int
+    block_size: int
+    n_bins: int
+
+    @property
+    def mask_token_id(self) -> int:
+        return self.n_bins
+
+    @property
+    def num_blocks(self) -> int:
+        return self.chunk_len // self.block_size
+
+    def embed_actions(self, tokens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """``tokens [B, Q]`` (``mask_token_id`` for [MASK]) at chunk slots ``slots [Q]`` -> ``[B, Q, H]``."""
+        raise NotImplementedError
+
+    def backbone_forward(self, embeds: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                         cache: BlockKVCache | None) -> torch.Tensor:
+        """``embeds [B, Q, H]`` at absolute ``positions [Q]``, boolean ``mask [B|1, 1, Q, K]`` -> hidden ``[B, Q, H]``."""
+        raise NotImplementedError
+
+    def action_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[B, Q, H]`` -> ``[B, Q, n_bins]``."""
+        raise NotImplementedError
+
+    def new_cache(self, batch_size: int, max_len: int) -> BlockKVCache:
+        raise NotImplementedError
+
+
+class TransformersBackbone(nn.Module):
+    """A transformers decoder run with our own 4D mask and block cache.
+
+    transformers returns a 4D mask unchanged, so the block-causal rule is
+    never replaced by its token-causal default. ``eager`` attention adds the
+    mask to the scores, so it gets the additive form.
+    """
+
+    def __init__(self, decoder: nn.Module):
+        super().__init__()
+        self.decoder = decoder
+
+    @property
+    def config(self):
+        return self.decoder.config
+
+    @property
+    def attn_implementation(self) -> str:
+        return self.decoder.config._attn_implementation or "eager"
+
+    def set_attn_implementation(self, name: str) -> None:
+        self.decoder.config._attn_implementation = name
+
+    def forward(self, embeds, positions, mask, cache=None, **attn_kwargs):
+        if mask.dtype != torch.bool or mask.dim() != 4:
+            raise ValueError(f"expected a 4D boolean mask, got {mask.dtype} with {mask.dim()} dims")
+        if self.attn_implementation == "eager":
+            mask = to_additive(mask, embeds.dtype)
+        position_ids = positions.reshape(1, -1).expand(embeds.shape[0], -1)
+        out = self.decoder(inputs_embeds=embeds, position_ids=position_ids, attention_mask=mask,
+                           past_key_values=cache, use_cache=False, **attn_kwargs)
+        return out.last_hidden_state
+
+    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype, device) -> BlockKVCache:
+        cfg = self.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return BlockKVCache(cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, head_dim, max_len,
+                            dtype=dtype, device=device)

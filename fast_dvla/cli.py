@@ -1,0 +1,29 @@
+"""The ``fast-dvla`` command. Each subcommand lives in its own module and is
+imported only when used, so ``fast-dvla --help`` stays fast."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module with add_arguments(parser) and main(args), one-line help)
+SUBCOMMANDS = {
+    "micro-bench": ("fast_dvla.eval.micro_bench", "time every decoder on the same model and inputs"),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog="fast-dvla", description="Fast-dVLA: real-time discrete-diffusion VLAs")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        if argv and argv[0] == name:  # only the chosen command's module is imported
+            importlib.import_module(module).add_arguments(p)
+    args = parser.parse_args(argv)
+    importlib.import_module(args._module).main(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Validated decoding settings."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+METHODS = ("vanilla", "fast_dllm", "block_diffusion", "fast_dvla")
+SCHEDULES = ("cosine", "linear")
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """How to decode an action chunk.
+
+    method: ``vanilla`` (bidirectional teacher, MaskGIT-style, no cache),
+        ``fast_dllm`` (teacher, approximate dual cache refreshed per block,
+        confidence threshold), ``block_diffusion`` (student, blocks one after
+        another, exact cache) or ``fast_dvla`` (student, pipelined blocks,
+        exact cache).
+    tau_conf: confidence threshold for committing a token.
+    tau_add: decoded fraction of the last block at which a new block is added.
+    tau_act: decoded fraction of a block's predecessor at which it becomes
+        fully activated (and so must commit at least 1/n of its rest per step).
+    fallback_n: the ``n`` of that 1/n rule.
+    vanilla_steps: forward passes of vanilla decoding.
+    schedule: how many tokens vanilla decoding commits per step.
+    fast_dllm_block_size: block length for the Fast-dLLM baseline (default:
+        the model's block size).
+    temperature: 0 for greedy; > 0 samples and uses the sampled token's
+        probability as its confidence.
+    use_cache: False recomputes the whole sequence every forward (the exact
+        reference the cached decoders are tested against).
+    seed: seeds sampling when temperature > 0.
+    """
+
+    method: str = "fast_dvla"
+    tau_conf: float = 0.5
+    tau_add: float = 0.5
+    tau_act: float = 0.7
+    fallback_n: int = 2
+    vanilla_steps: int = 12
+    schedule: str = "cosine"
+    fast_dllm_block_size: int | None = None
+    temperature: float = 0.0
+    use_cache: bool = True
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown decoding method {self.method!r}; expected one of {METHODS}")
+        for name in ("tau_conf", "tau_add", "tau_act"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not (0.0 <= float(value) <= 1.0):
+                raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+        if not isinstance(self.fallback_n, int) or self.fallback_n < 1:
+            raise ValueError(f"fallback_n must be an integer >= 1, got {self.fallback_n!r}")
+        if not isinstance(self.vanilla_steps, int) or self.vanilla_steps < 1:
+            raise ValueError(f"vanilla_steps must be an integer >= 1, got {self.vanilla_steps!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; expected one of {SCHEDULES}")
+        if self.fast_dllm_block_size is not None and self.fast_dllm_block_size < 1:
+            raise ValueError(f"fast_dllm_block_size must be >= 1, got {self.fast_dllm_block_size}")
+        if not (self.temperature >= 0.0):  # also rejects NaN
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+
+    def replace(self, **changes) -> "DecodeConfig":
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DecodeConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown decode settings: {sorted(unknown)}")
+        return cls(**d)

@@ -1,0 +1,108 @@
+"""Pieces every decoder shares: the windowed forward, confidences, results."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..backbone import DVLAModel
+from ..cache import BlockKVCache
+from ..masks import dense_mask
+
+
+@dataclass
+class DecodeStats:
+    method: str
+    nfe: int = 0                       # forward passes of the backbone
+    query_tokens: int = 0              # tokens forwarded as queries, per chunk (prefix included)
+    committed_per_step: list = field(default_factory=list)  # one [B] tensor per forward
+
+    def record(self, window: int, committed: torch.Tensor) -> None:
+        self.nfe += 1
+        self.query_tokens += window
+        self.committed_per_step.append(committed.detach().to("cpu"))
+
+    def committed_matrix(self) -> torch.Tensor:
+        """``[steps, B]``: tokens committed by each forward, per row."""
+        return torch.stack(self.committed_per_step) if self.committed_per_step else torch.zeros(0, 0, dtype=torch.long)
+
+    def to_dict(self) -> dict:
+        per_step = self.committed_matrix().float().mean(1).tolist() if self.committed_per_step else []
+        return {"method": self.method, "nfe": self.nfe, "query_tokens": self.query_tokens,
+                "committed_per_step": per_step}
+
+
+@dataclass
+class DecodeResult:
+    tokens: torch.Tensor               # [B, chunk_len] action tokens
+    stats: DecodeStats
+
+
+class WindowForward:
+    """Runs the backbone over positions ``[start, end)`` of
+    ``[prefix | action chunk]`` and returns the action logits of that window.
+
+    Masks are built by :func:`fast_dvla.masks.dense_mask` and memoised per
+    window shape (a decode sees only a handful of distinct windows).
+    """
+
+    def __init__(self, model: DVLAModel, prefix: torch.Tensor, cache: BlockKVCache | None):
+        self.model, self.prefix, self.cache = model, prefix, cache
+        self.prefix_len = prefix.shape[1]
+        self.total_len = self.prefix_len + model.chunk_len
+        self._masks: dict = {}
+        # tests swap this to show that a wrong mask is caught
+        self.mask_kind_override: str | None = None
+
+    def mask(self, start: int, end: int, kv_len: int, kind: str) -> torch.Tensor:
+        kind = self.mask_kind_override or kind
+        key = (start, end, kv_len, kind)
+        if key not in self._masks:
+            self._masks[key] = dense_mask(self.prefix_len, self.model.block_size, start, end - start, kv_len,
+                                          kind, device=self.prefix.device)
+        return self._masks[key]
+
+    def __call__(self, tokens: torch.Tensor, start: int, end: int, kind: str, use_cache: bool,
+                 read_len: int | None = None) -> torch.Tensor:
+        P = self.prefix_len
+        kv_len = end if read_len is None else read_len
+        if use_cache:
+            self.cache.begin_forward(start, end, kv_len)
+            cache = self.cache
+        else:
+            if start != 0 or kv_len != end:
+                raise ValueError("an uncached forward must cover the sequence from position 0")
+            cache = None
+        parts = []
+        if start < P:
+            parts.append(self.prefix[:, start:min(end, P)])
+        a0, a1 = max(start, P) - P, end - P
+        if a1 > a0:
+            slots = torch.arange(a0, a1, device=tokens.device)
+            parts.append(self.model.embed_actions(tokens[:, a0:a1], slots))
+        embeds = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        positions = torch.arange(start, end, device=tokens.device)
+        hidden = self.model.backbone_forward(embeds, positions, self.mask(start, end, kv_len, kind), cache)
+        return self.model.action_logits(hidden[:, max(start, P) - start:])
+
+
+def confidences(logits: torch.Tensor, temperature: float, generator: torch.Generator | None):
+    """(confidence, token) per position: the argmax and its probability, or a
+    sample and its probability when ``temperature > 0``."""
+    logits = logits.float()
+    if temperature > 0:
+        probs = torch.softmax(logits / temperature, dim=-1)
+        flat = probs.reshape(-1, probs.shape[-1])
+        tokens = torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+        return probs.gather(-1, tokens[..., None]).squeeze(-1), tokens
+    probs = torch.softmax(logits, dim=-1)
+    conf, tokens = probs.max(dim=-1)
+    return conf, tokens
+
+
+def make_generator(seed: int | None, device) -> torch.Generator | None:
+    if seed is None:
+        return None
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g

@@ -1,0 +1,108 @@
+"""The user-facing policy: load, predict action chunks, step an action queue."""
+from __future__ import annotations
+
+import json
+import os
+from collections import deque
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import DecodeConfig
+from .decoding import DecodeStats, decode
+from .model import ModelConfig, ReferenceDVLA
+from .processor import ObservationProcessor, StateNormalizer
+from .tokenizer import ActionTokenizer
+
+FORMAT = "fast-dvla-policy"
+CONFIG_FILE, WEIGHTS_FILE, ACTION_STATS_FILE, STATE_STATS_FILE = (
+    "config.json", "model.safetensors", "action_stats.json", "state_stats.json")
+
+
+class FastDVLAPolicy:
+    """A dVLA with its tokenizer, normaliser and decoding settings.
+
+    ``predict_action_chunk(obs)`` decodes one chunk (``[horizon, action_dim]``,
+    or ``[B, horizon, action_dim]`` for a batch); ``select_action(obs)``
+    serves actions from a queue refilled with the first ``n_action_steps`` of
+    each chunk; ``reset()`` empties it between episodes.
+    """
+
+    def __init__(self, model: ReferenceDVLA, action_tokenizer: ActionTokenizer,
+                 state_norm: StateNormalizer | None = None, decode_config: DecodeConfig | None = None,
+                 n_action_steps: int | None = None):
+        cfg = model.config
+        if action_tokenizer.action_dim != cfg.action_dim:
+            raise ValueError(f"tokenizer action_dim {action_tokenizer.action_dim} != model's {cfg.action_dim}")
+        if action_tokenizer.n_bins != cfg.n_bins:
+            raise ValueError(f"tokenizer n_bins {action_tokenizer.n_bins} != model's {cfg.n_bins}")
+        self.model = model.eval()
+        self.action_tokenizer = action_tokenizer
+        self.state_norm = state_norm or StateNormalizer.identity(cfg.state_dim)
+        self.decode_config = decode_config or DecodeConfig()
+        self.n_action_steps = n_action_steps or cfg.horizon
+        if not 1 <= self.n_action_steps <= cfg.horizon:
+            raise ValueError(f"n_action_steps must be in [1, {cfg.horizon}], got {self.n_action_steps}")
+        self.processor = ObservationProcessor(cfg, self.state_norm)
+        self.last_stats: DecodeStats | None = None
+        self._queue: deque = deque()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # -- inference ------------------------------------------------------------
+    @torch.no_grad()
+    def predict_action_chunk(self, obs: dict, decode_config: DecodeConfig | None = None) -> np.ndarray:
+        inputs, single = self.processor(obs, self.device)
+        prefix = self.model.embed_prefix(inputs["images"], inputs["instr_ids"], inputs["state"])
+        result = decode(self.model, prefix, decode_config or self.decode_config)
+        self.last_stats = result.stats
+        cfg = self.model.config
+        tokens = result.tokens.view(-1, cfg.horizon, cfg.action_dim).cpu().numpy()
+        actions = self.action_tokenizer.decode(tokens).astype(np.float32)
+        return actions[0] if single else actions
+
+    def select_action(self, obs: dict) -> np.ndarray:
+        if not self._queue:
+            chunk = self.predict_action_chunk(obs)
+            steps = chunk[: self.n_action_steps] if chunk.ndim == 2 else chunk[:, : self.n_action_steps].swapaxes(0, 1)
+            self._queue.extend(steps)
+        return self._queue.popleft()
+
+    def reset(self) -> None:
+        self._queue.clear()
+
+    # -- persistence ----------------------------------------------------------
+    def save_pretrained(self, path: str) -> None:
+        os.makedirs(path, exist_ok=True)
+        config = {"format": FORMAT, "version": 1, "model": self.model.config.to_dict(),
+                  "decode": self.decode_config.to_dict(), "n_action_steps": self.n_action_steps}
+        with open(os.path.join(path, CONFIG_FILE), "w") as f:
+            json.dump(config, f, indent=2)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
+        save_file(state, os.path.join(path, WEIGHTS_FILE))
+        self.action_tokenizer.save(os.path.join(path, ACTION_STATS_FILE))
+        with open(os.path.join(path, STATE_STATS_FILE), "w") as f:
+            json.dump(self.state_norm.to_dict(), f, indent=2)
+
+    @classmethod
+    def from_pretrained(cls, path: str, decode_config: DecodeConfig | None = None, device="cpu",
+                        n_action_steps: int | None = None) -> "FastDVLAPolicy":
+        config_path = os.path.join(path, CONFIG_FILE)
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"no {CONFIG_FILE} in {path!r}: not a fast-dvla checkpoint directory")
+        with open(config_path) as f:
+            config = json.load(f)
+        if config.get("format") != FORMAT:
+            raise ValueError(f"{config_path} is not a {FORMAT} config (format={config.get('format')!r})")
+        model = ReferenceDVLA(ModelConfig.from_dict(config["model"]))
+        missing, unexpected = model.load_state_dict(load_file(os.path.join(path, WEIGHTS_FILE)), strict=False)
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {path!r} does not match the model: missing {missing}, unexpected {unexpected}")
+        with open(os.path.join(path, STATE_STATS_FILE)) as f:
+            state_norm = StateNormalizer.from_dict(json.load(f))
+        return cls(model.to(device), ActionTokenizer.load(os.path.join(path, ACTION_STATS_FILE)), state_norm,
+                   decode_config or DecodeConfig.from_dict(config.get("decode", {})),
+                   n_action_steps or config.get("n_action_steps"))

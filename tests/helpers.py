@@ -1,0 +1,78 @@
+"""Models for tests: a tiny real reference dVLA and a model whose
+confidences the test controls."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fast_dvla.backbone import DVLAModel
+from fast_dvla.cache import BlockKVCache
+from fast_dvla.model import ModelConfig, ReferenceDVLA
+
+TINY = dict(image_size=16, image_grid=2, instr_len=4, hidden_size=64, num_layers=2, num_heads=4,
+            num_kv_heads=2, intermediate_size=128, horizon=4, action_dim=7, block_size=7)
+
+
+def tiny_model(seed: int = 0, sharpness: float = 1.0, **overrides) -> ReferenceDVLA:
+    """A random tiny reference dVLA; ``sharpness`` scales the head so that
+    confidences spread over [0, 1] instead of sitting near 1/256."""
+    torch.manual_seed(seed)
+    model = ReferenceDVLA(ModelConfig(**{**TINY, **overrides})).eval()
+    with torch.no_grad():
+        model.head.weight.mul_(sharpness)
+    return model
+
+
+def random_prefix(model: ReferenceDVLA, batch: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    images = torch.rand(batch, len(cfg.cameras), 3, cfg.image_size, cfg.image_size, generator=g)
+    instr = torch.randint(0, cfg.instr_vocab, (batch, cfg.instr_len), generator=g)
+    state = torch.randn(batch, cfg.state_dim, generator=g)
+    with torch.no_grad():
+        return model.embed_prefix(images, instr, state)
+
+
+class ScriptedModel(DVLAModel):
+    """Logits come from a table: at chunk slot ``s`` of row ``b`` the model
+    predicts ``target[b, s]`` with probability ``conf[b, s]`` (or
+    ``conf_fn(b, s, step)`` per forward), whatever the attention sees."""
+
+    def __init__(self, conf: torch.Tensor, target: torch.Tensor, block_size: int, n_bins: int = 16):
+        super().__init__()
+        self.conf, self.target = conf.float(), target.long()
+        self.chunk_len, self.block_size, self.n_bins = conf.shape[1], block_size, n_bins
+        self.forwards = 0
+        self._dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def embed_actions(self, tokens, slots):
+        return slots.float().view(1, -1, 1).expand(tokens.shape[0], -1, 1) + 0 * self._dummy
+
+    def backbone_forward(self, embeds, positions, mask, cache):
+        self.forwards += 1
+        return embeds
+
+    def action_logits(self, hidden):
+        slots = hidden[..., 0].long()                        # [B, Q]
+        rows = torch.arange(hidden.shape[0])[:, None].expand_as(slots)
+        p = self.conf[rows, slots].clamp(1e-6, 1 - 1e-6)
+        other = torch.log((1 - p) / (self.n_bins - 1))
+        logits = other[..., None].expand(*slots.shape, self.n_bins).clone()
+        logits.scatter_(-1, self.target[rows, slots][..., None], torch.log(p)[..., None])
+        return logits
+
+    def new_cache(self, batch_size, max_len):
+        return BlockKVCache(0, batch_size, 1, 1, max_len)
+
+
+def scripted_prefix(batch: int, length: int = 3) -> torch.Tensor:
+    return torch.full((batch, length, 1), -1.0)
+
+
+def fallback_steps(k: int, n: int) -> int:
+    r, s = k, 0
+    while r:
+        r -= max(1, math.floor(r / n))
+        s += 1
+    return s

@@ -1,0 +1,81 @@
+import numpy as np
+import pytest
+
+from fast_dvla import ActionTokenizer, DecodeConfig, FastDVLAPolicy
+from fast_dvla.processor import StateNormalizer
+from helpers import tiny_model
+
+
+def make_policy(**kw):
+    model = tiny_model(0, sharpness=8.0)
+    rng = np.random.default_rng(0)
+    tok = ActionTokenizer.fit(rng.uniform(-1, 1, (200, 7)), gripper_dims=(6,))
+    return FastDVLAPolicy(model, tok, StateNormalizer.fit(rng.normal(size=(50, 8))), **kw)
+
+
+def obs(batch=None, seed=0):
+    rng = np.random.default_rng(seed)
+    shape = (16, 16, 3) if batch is None else (batch, 16, 16, 3)
+    return {"images": {c: rng.integers(0, 255, shape, dtype=np.uint8) for c in ("agentview", "wrist")},
+            "state": rng.normal(size=(8,) if batch is None else (batch, 8)).astype(np.float32),
+            "instruction": "put the soup in the basket" if batch is None else ["put the soup in the basket"] * batch}
+
+
+def test_predict_shapes_and_stats():
+    policy = make_policy()
+    chunk = policy.predict_action_chunk(obs())
+    assert chunk.shape == (4, 7) and chunk.dtype == np.float32 and np.isfinite(chunk).all()
+    assert set(np.unique(chunk[:, 6])) <= {-1.0, 1.0}
+    assert policy.last_stats.nfe >= 4
+    batch = policy.predict_action_chunk(obs(batch=3))
+    assert batch.shape == (3, 4, 7)
+    assert np.allclose(batch[0], policy.predict_action_chunk(obs(batch=3))[0])
+
+
+def test_select_action_serves_a_queue():
+    policy = make_policy(n_action_steps=3)
+    o = obs()
+    chunk = policy.predict_action_chunk(o)
+    calls = []
+    original = policy.predict_action_chunk
+    policy.predict_action_chunk = lambda ob: calls.append(1) or original(ob)
+    actions = [policy.select_action(o) for _ in range(4)]
+    assert len(calls) == 2  # refilled after n_action_steps
+    assert np.allclose(actions[:3], chunk[:3])
+    policy.reset()
+    policy.select_action(o)
+    assert len(calls) == 3
+    batch = make_policy(n_action_steps=2)
+    assert batch.select_action(obs(batch=2)).shape == (2, 7)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    policy = make_policy(decode_config=DecodeConfig(tau_conf=0.4), n_action_steps=2)
+    policy.save_pretrained(tmp_path / "ckpt")
+    loaded = FastDVLAPolicy.from_pretrained(str(tmp_path / "ckpt"))
+    assert loaded.decode_config == policy.decode_config and loaded.n_action_steps == 2
+    assert np.array_equal(loaded.predict_action_chunk(obs()), policy.predict_action_chunk(obs()))
+    with pytest.raises(FileNotFoundError, match="not a fast-dvla checkpoint"):
+        FastDVLAPolicy.from_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize("mutate,err,match", [
+    (lambda o: o["images"].pop("wrist"), KeyError, "missing cameras"),
+    (lambda o: o["images"].update(wrist=o["images"]["wrist"][:8]), ValueError, "shape"),
+    (lambda o: o["images"].update(wrist=o["images"]["wrist"].astype(np.float32)), TypeError, "uint8"),
+    (lambda o: o.update(state=np.full(8, np.nan)), ValueError, "NaN"),
+    (lambda o: o.update(state=np.zeros(5)), ValueError, "state must have shape"),
+    (lambda o: o.pop("instruction"), KeyError, "instruction"),
+    (lambda o: o.update(instruction=[]), TypeError, "instruction"),
+])
+def test_bad_observations_are_named(mutate, err, match):
+    policy = make_policy()
+    o = obs()
+    mutate(o)
+    with pytest.raises(err, match=match):
+        policy.predict_action_chunk(o)
+
+
+def test_mismatched_tokenizer_is_rejected():
+    with pytest.raises(ValueError, match="action_dim"):
+        FastDVLAPolicy(tiny_model(0), ActionTokenizer(np.zeros(6), np.ones(6)))
