@@ -42,8 +42,10 @@ class DVLAModel(nn.Module):
         raise NotImplementedError
 
     def backbone_forward(self, embeds: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                         cache: BlockKVCache | None) -> torch.Tensor:
-        """``embeds [B, Q, H]`` at absolute ``positions [Q]``, boolean ``mask [B|1, 1, Q, K]`` -> hidden ``[B, Q, H]``."""
+                         cache: BlockKVCache | None, layout=None) -> torch.Tensor:
+        """``embeds [B, Q, H]`` at absolute ``positions [Q]``, boolean ``mask [B|1, 1, Q, K]`` -> hidden ``[B, Q, H]``.
+        ``layout`` (:class:`fast_dvla.attention.AttentionLayout`) describes the same mask structurally, for
+        fused attention backends; others may ignore it."""
         raise NotImplementedError
 
     def action_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -62,29 +64,33 @@ class TransformersBackbone(nn.Module):
     mask to the scores, so it gets the additive form.
     """
 
-    def __init__(self, decoder: nn.Module):
+    def __init__(self, decoder: nn.Module, backend: str = "sdpa"):
         super().__init__()
         self.decoder = decoder
+        self.set_backend(backend)
 
     @property
     def config(self):
         return self.decoder.config
 
-    @property
-    def attn_implementation(self) -> str:
-        return self.decoder.config._attn_implementation or "eager"
+    def set_backend(self, name: str) -> None:
+        """One of :data:`fast_dvla.attention.BACKEND_NAMES`; raises if it cannot run here."""
+        from .attention import transformers_name
 
-    def set_attn_implementation(self, name: str) -> None:
-        self.decoder.config._attn_implementation = name
+        self.decoder.config._attn_implementation = transformers_name(name)
+        self.backend = name
 
-    def forward(self, embeds, positions, mask, cache=None, **attn_kwargs):
+    def forward(self, embeds, positions, mask, cache=None, layout=None):
         if mask.dtype != torch.bool or mask.dim() != 4:
             raise ValueError(f"expected a 4D boolean mask, got {mask.dtype} with {mask.dim()} dims")
-        if self.attn_implementation == "eager":
+        kwargs = {}
+        if self.backend == "eager":
             mask = to_additive(mask, embeds.dtype)
+        else:
+            kwargs["fast_dvla_layout"] = layout
         position_ids = positions.reshape(1, -1).expand(embeds.shape[0], -1)
         out = self.decoder(inputs_embeds=embeds, position_ids=position_ids, attention_mask=mask,
-                           past_key_values=cache, use_cache=False, **attn_kwargs)
+                           past_key_values=cache, use_cache=False, **kwargs)
         return out.last_hidden_state
 
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype, device) -> BlockKVCache:

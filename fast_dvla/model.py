@@ -34,7 +34,7 @@ class ModelConfig:
     num_heads: int = 4
     num_kv_heads: int = 2
     intermediate_size: int = 768
-    attn_implementation: str = "sdpa"
+    attn_backend: str = "sdpa"        # see fast_dvla.attention.BACKEND_NAMES
 
     def __post_init__(self):
         self.cameras = tuple(self.cameras)
@@ -105,10 +105,9 @@ class ReferenceDVLA(DVLAModel):
             num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
             num_key_value_heads=config.num_kv_heads,
             max_position_embeddings=config.prefix_len + config.chunk_len,
-            attn_implementation=config.attn_implementation,
             bos_token_id=None, eos_token_id=None, pad_token_id=None,
         )
-        self.backbone = TransformersBackbone(LlamaModel(llama))
+        self.backbone = TransformersBackbone(LlamaModel(llama), config.attn_backend)
         self.head = nn.Linear(h, config.n_bins)
         for p in (self.camera_embed, self.instr_pos, self.slot_embed, self.image_encoder.pos):
             nn.init.normal_(p, std=0.02)
@@ -136,8 +135,8 @@ class ReferenceDVLA(DVLAModel):
     def embed_actions(self, tokens, slots):
         return self.action_embed(tokens) + self.slot_embed[slots]
 
-    def backbone_forward(self, embeds, positions, mask, cache):
-        return self.backbone(embeds, positions, mask, cache)
+    def backbone_forward(self, embeds, positions, mask, cache, layout=None):
+        return self.backbone(embeds, positions, mask, cache, layout)
 
     def action_logits(self, hidden):
         return self.head(hidden)
@@ -146,6 +145,6 @@ class ReferenceDVLA(DVLAModel):
         p = next(self.parameters())
         return self.backbone.new_cache(batch_size, max_len, p.dtype, p.device)
 
-    def set_attn_implementation(self, name: str) -> None:
-        self.backbone.set_attn_implementation(name)
-        self.config.attn_implementation = name
+    def set_attn_backend(self, name: str) -> None:
+        self.backbone.set_backend(name)
+        self.config.attn_backend = name

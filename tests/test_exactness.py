@@ -93,6 +93,6 @@ def test_eager_attention_matches_sdpa():
     prefix = random_prefix(model, 2, 8)
     config = DecodeConfig(method="fast_dvla", tau_conf=0.3)
     _, sdpa = run(model, prefix, config)
-    model.set_attn_implementation("eager")
+    model.set_attn_backend("eager")
     _, eager = run(model, prefix, config)
     assert max_logit_gap(sdpa, eager) < 1e-5

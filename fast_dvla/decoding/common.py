@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..attention.layout import AttentionLayout
 from ..backbone import DVLAModel
 from ..cache import BlockKVCache
 from ..masks import dense_mask
@@ -82,7 +83,9 @@ class WindowForward:
             parts.append(self.model.embed_actions(tokens[:, a0:a1], slots))
         embeds = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         positions = torch.arange(start, end, device=tokens.device)
-        hidden = self.model.backbone_forward(embeds, positions, self.mask(start, end, kv_len, kind), cache)
+        kind = self.mask_kind_override or kind
+        layout = AttentionLayout(P, self.model.block_size, start, end - start, kv_len, kind)
+        hidden = self.model.backbone_forward(embeds, positions, self.mask(start, end, kv_len, kind), cache, layout)
         return self.model.action_logits(hidden[:, max(start, P) - start:])
 
 

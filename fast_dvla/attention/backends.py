@@ -1,0 +1,93 @@
+"""Attention backends behind one interface (transformers' AttentionInterface).
+
+Each function has transformers' signature ``(module, query [B, Hq, Q, D],
+key [B, Hkv, K, D], value, attention_mask, scaling=..., **kwargs)`` and
+returns ``(output [B, Q, Hq, D], None)``. The engine passes
+``fast_dvla_layout`` (an :class:`AttentionLayout`) in the kwargs; fused
+backends use it for the cached block-causal shape and fall back to SDPA
+with the dense mask (the same rule) for every other forward.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from ..masks import flex_block_mask
+
+
+def _sdpa(query, key, value, mask, scaling):
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    if mask is not None and mask.dtype != torch.bool:
+        raise TypeError("fast-dvla backends take the boolean mask")
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+
+
+def sdpa_attention(module, query, key, value, attention_mask, scaling=None, fast_dvla_layout=None, **kwargs):
+    return _sdpa(query, key, value, attention_mask, scaling).transpose(1, 2).contiguous(), None
+
+
+_flex_masks: dict = {}
+
+
+def flex_attention(module, query, key, value, attention_mask, scaling=None, fast_dvla_layout=None, **kwargs):
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    lay = fast_dvla_layout
+    if lay is None:
+        raise RuntimeError("the flex backend needs the engine's attention layout (run it through fast_dvla.decode)")
+    key_ = (lay, str(query.device))
+    if key_ not in _flex_masks:
+        _flex_masks[key_] = flex_block_mask(lay.prefix_len, lay.block_size, lay.q_start, lay.q_len, lay.kv_len,
+                                            lay.kind, device=query.device)
+    groups = query.shape[1] // key.shape[1]
+    with warnings.catch_warnings():  # un-compiled flex (CPU, tests) is correct, only slower: don't nag per layer
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        out = flex(query, key, value, block_mask=_flex_masks[key_], scale=scaling, enable_gqa=groups > 1)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def triton_attention(module, query, key, value, attention_mask, scaling=None, fast_dvla_layout=None, **kwargs):
+    cache_len = None if fast_dvla_layout is None else fast_dvla_layout.fused_cache_len
+    if cache_len is None:
+        return sdpa_attention(module, query, key, value, attention_mask, scaling)
+    from fast_dvla.kernels import triton_block_causal_attention
+
+    lens = torch.full((query.shape[0],), cache_len, dtype=torch.int32, device=query.device)
+    out = triton_block_causal_attention(query, key, value, lens, fast_dvla_layout.block_size, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def flash_attention(module, query, key, value, attention_mask, scaling=None, fast_dvla_layout=None, **kwargs):
+    cache_len = None if fast_dvla_layout is None else fast_dvla_layout.fused_cache_len
+    if cache_len is None:
+        return sdpa_attention(module, query, key, value, attention_mask, scaling)
+    from fast_dvla.kernels import flash_block_causal_attention
+
+    lens = torch.full((query.shape[0],), cache_len, dtype=torch.int32, device=query.device)
+    out = flash_block_causal_attention(query, key, value, lens, fast_dvla_layout.block_size, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def triton_unavailable() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "the triton backend needs the 'triton' package (pip install triton==3.7.1)"
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return ("the triton backend needs a CUDA GPU, or TRITON_INTERPRET=1 set before fast_dvla.kernels is "
+                "imported (the interpreter: correct but slow, for tests)")
+    return None
+
+
+def flash_unavailable() -> str | None:
+    if not torch.cuda.is_available():
+        return "the flash backend needs a CUDA GPU (flash-attn has no CPU path)"
+    if importlib.util.find_spec("flash_attn") is None:
+        return "the flash backend needs flash-attn 2: pip install flash-attn --no-build-isolation (on a CUDA machine)"
+    return None
