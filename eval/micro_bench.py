@@ -18,14 +18,11 @@ import numpy as np
 import torch
 
 from fast_dvla import DecodeConfig, FastDVLAPolicy
-from fast_dvla.config import METHODS
 from fast_dvla.model import ModelConfig, ReferenceDVLA
 from fast_dvla.tokenizer import ActionTokenizer
 
 from .report import markdown_table, write_json
-from .timing import summarize, timed
-
-TEACHER_METHODS = ("vanilla", "fast_dllm")  # decoders of the bidirectional teacher
+from .throughput import COLUMNS, measure, process_peak_rss_mb
 
 
 def random_policy(seed: int) -> FastDVLAPolicy:
@@ -56,42 +53,18 @@ def run(args) -> dict:
         model_desc = "random-init reference model (no checkpoint given)"
     base = DecodeConfig(tau_conf=args.tau_conf, tau_add=args.tau_add, tau_act=args.tau_act,
                         vanilla_steps=args.vanilla_steps)
-    obs = random_observation(teacher, args.batch, args.seed)
-    configs = {m: base.replace(method=m) for m in METHODS}
-    policies = {m: teacher if m in TEACHER_METHODS else student for m in METHODS}
-    times = {m: [] for m in METHODS}
-    stats = {}
-    for rep in range(args.warmup + args.repeats):
-        for m in METHODS:  # interleaved, so drift hits every decoder alike
-            _, dt = timed(lambda: policies[m].predict_action_chunk(obs, configs[m]))
-            if rep >= args.warmup:
-                times[m].append(dt)
-            stats[m] = policies[m].last_stats
-    chunk_tokens = teacher.model.chunk_len * args.batch
-    rows = []
-    for m in METHODS:
-        lat = summarize(times[m])
-        rows.append({"method": m, "nfe": stats[m].nfe, "query_tokens": stats[m].query_tokens,
-                     "latency_ms": lat["median_s"] * 1e3, "p90_ms": lat["p90_s"] * 1e3,
-                     "tokens_per_s": chunk_tokens / lat["median_s"]})
-    vanilla = next(r for r in rows if r["method"] == "vanilla")
-    for r in rows:
-        r["speedup"] = r["tokens_per_s"] / vanilla["tokens_per_s"]
+    obs = [random_observation(teacher, args.batch, args.seed + i) for i in range(args.repeats)]
+    rows = measure(teacher, student, obs, base, warmup=args.warmup)
     return {"model": model_desc, "batch": args.batch, "repeats": args.repeats, "decode": base.to_dict(),
             "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-            "date": datetime.date.today().isoformat(), "results": rows}
-
-
-COLUMNS = [("method", "decoder", "s"), ("nfe", "NFE", "d"), ("query_tokens", "query tokens/chunk", "d"),
-           ("latency_ms", "latency ms (median)", ".1f"), ("p90_ms", "p90 ms", ".1f"),
-           ("tokens_per_s", "action tokens/s", ".0f"), ("speedup", "x vanilla", ".2f")]
+            "peak_rss_mb": process_peak_rss_mb(), "date": datetime.date.today().isoformat(), "results": rows}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", help="teacher checkpoint directory (vanilla, fast_dllm)")
     p.add_argument("--student", help="student checkpoint directory (block_diffusion, fast_dvla)")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=10, help="observations timed (each once per decoder)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--tau-conf", type=float, default=0.5)
     p.add_argument("--tau-add", type=float, default=0.5)

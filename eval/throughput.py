@@ -1,0 +1,82 @@
+"""Time every decoder on the same observations, in one process.
+
+Decoders are interleaved observation by observation, so drift (thermal,
+other processes) hits all of them alike. Teacher decoders (``vanilla``,
+``fast_dllm``) run on the teacher policy, student decoders on the student.
+"""
+from __future__ import annotations
+
+import resource
+
+import torch
+from tqdm import tqdm
+
+from fast_dvla import DecodeConfig, FastDVLAPolicy
+from fast_dvla.config import METHODS
+
+from .timing import summarize, timed
+
+TEACHER_METHODS = ("vanilla", "fast_dllm")
+
+
+def policy_for(method: str, teacher: FastDVLAPolicy, student: FastDVLAPolicy) -> FastDVLAPolicy:
+    return teacher if method in TEACHER_METHODS else student
+
+
+def measure(teacher: FastDVLAPolicy, student: FastDVLAPolicy, observations: list[dict], base: DecodeConfig,
+            methods=METHODS, warmup: int = 2, repeats: int = 1, progress: bool = True) -> list[dict]:
+    """One row per decoder: NFE and query tokens per chunk (means), latency
+    median/p90, action tokens/s, chunk Hz, action Hz, speedup over vanilla."""
+    if not observations:
+        raise ValueError("need at least one observation to time")
+    device = teacher.device
+    configs = {m: base.replace(method=m) for m in methods}
+    for m in methods:  # warm-up: first calls pay for allocation and lazy init
+        for _ in range(warmup):
+            policy_for(m, teacher, student).predict_action_chunk(observations[0], configs[m])
+    times = {m: [] for m in methods}
+    nfe = {m: [] for m in methods}
+    query = {m: [] for m in methods}
+    peak = {m: 0 for m in methods}
+    total = len(observations) * repeats
+    for i in tqdm(range(total), desc="timing decoders", disable=not progress):
+        obs = observations[i % len(observations)]
+        for m in methods:
+            policy = policy_for(m, teacher, student)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            _, dt = timed(lambda: policy.predict_action_chunk(obs, configs[m]), device)
+            if device.type == "cuda":
+                peak[m] = max(peak[m], torch.cuda.max_memory_allocated(device))
+            times[m].append(dt)
+            nfe[m].append(policy.last_stats.nfe)
+            query[m].append(policy.last_stats.query_tokens)
+    batch = 1 if isinstance(observations[0]["instruction"], str) else len(observations[0]["instruction"])
+    chunk_tokens = teacher.model.chunk_len * batch
+    steps = teacher.n_action_steps
+    rows = []
+    for m in methods:
+        lat = summarize(times[m])
+        rows.append({
+            "method": m, "nfe": sum(nfe[m]) / len(nfe[m]), "query_tokens": sum(query[m]) / len(query[m]),
+            "latency_ms": lat["median_s"] * 1e3, "p90_ms": lat["p90_s"] * 1e3,
+            "tokens_per_s": chunk_tokens / lat["median_s"], "chunk_hz": 1.0 / lat["median_s"],
+            "action_hz": steps / lat["median_s"], "chunks_timed": lat["n"],
+            "peak_mem_mb": peak[m] / 2**20 if device.type == "cuda" else None,
+        })
+    if "vanilla" in methods:
+        vanilla = next(r for r in rows if r["method"] == "vanilla")
+        for r in rows:
+            r["speedup"] = r["tokens_per_s"] / vanilla["tokens_per_s"]
+    return rows
+
+
+def process_peak_rss_mb() -> float:
+    """Peak resident memory of this process (CPU runs: the whole process, not per decoder)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+COLUMNS = [("method", "decoder", "s"), ("nfe", "NFE/chunk", ".1f"), ("query_tokens", "query tokens/chunk", ".0f"),
+           ("latency_ms", "latency ms (median)", ".1f"), ("p90_ms", "p90 ms", ".1f"),
+           ("tokens_per_s", "action tokens/s", ".0f"), ("chunk_hz", "chunk Hz", ".1f"),
+           ("action_hz", "action Hz", ".1f"), ("speedup", "x vanilla", ".2f")]
