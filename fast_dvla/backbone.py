@@ -67,7 +67,15 @@ class TransformersBackbone(nn.Module):
     def __init__(self, decoder: nn.Module, backend: str = "sdpa"):
         super().__init__()
         self.decoder = decoder
+        self.freeze_unused()
         self.set_backend(backend)
+
+    def freeze_unused(self) -> None:
+        """We always pass input embeddings: the token table never receives a
+        gradient (and DDP rejects parameters that get none)."""
+        table = self.decoder.get_input_embeddings()
+        if table is not None:
+            table.requires_grad_(False)
 
     @property
     def config(self):

@@ -9,7 +9,16 @@ import sys
 # name -> (module with add_arguments(parser) and main(args), one-line help)
 SUBCOMMANDS = {
     "micro-bench": ("fast_dvla.eval.micro_bench", "time every decoder on the same model and inputs"),
+    "train-teacher": ("fast_dvla.training.commands:TeacherCommand", "masked-diffusion training of the teacher"),
+    "distill": ("fast_dvla.training.commands:DistillCommand", "distil the teacher into a block-causal student"),
 }
+
+
+def load(target: str):
+    """``module`` or ``module:attribute`` -> the object with add_arguments/main."""
+    module, _, attr = target.partition(":")
+    obj = importlib.import_module(module)
+    return getattr(obj, attr) if attr else obj
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -20,9 +29,9 @@ def main(argv: list[str] | None = None) -> None:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
         if argv and argv[0] == name:  # only the chosen command's module is imported
-            importlib.import_module(module).add_arguments(p)
+            load(module).add_arguments(p)
     args = parser.parse_args(argv)
-    importlib.import_module(args._module).main(args)
+    load(args._module).main(args)
 
 
 if __name__ == "__main__":

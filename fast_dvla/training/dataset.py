@@ -1,0 +1,71 @@
+"""Training samples from an episodes directory: the observation at step t
+and the action chunk ``a[t : t + horizon]``, tokenised.
+
+Chunks running past an episode's end repeat its last action (the robot holds
+its final command), so every step of every episode is a sample.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..data import list_episodes, read_dataset_info, read_episode
+from ..model import ModelConfig
+from ..processor import StateNormalizer
+from ..tokenizer import ActionTokenizer, InstructionTokenizer
+
+
+class ChunkDataset:
+    def __init__(self, root: str, model_config: ModelConfig, action_tokenizer: ActionTokenizer | None = None,
+                 state_norm: StateNormalizer | None = None, gripper_dims=(6,), max_episodes: int | None = None,
+                 progress: bool = True):
+        info = read_dataset_info(root)
+        cfg = model_config
+        if info["action_dim"] != cfg.action_dim or info["state_dim"] != cfg.state_dim:
+            raise ValueError(f"{root}: dataset action/state dims {info['action_dim']}/{info['state_dim']} "
+                             f"!= model's {cfg.action_dim}/{cfg.state_dim}")
+        if list(info["image_size"]) != [cfg.image_size, cfg.image_size]:
+            raise ValueError(f"{root}: images are {info['image_size']}, the model takes {cfg.image_size}")
+        absent = [c for c in cfg.cameras if c not in info["cameras"]]
+        if absent:
+            raise ValueError(f"{root}: the model needs cameras {absent} that the dataset lacks")
+        paths = list_episodes(root)[:max_episodes]
+        if not paths:
+            raise ValueError(f"{root}: no episode files")
+        self.config = cfg
+        self.episodes = [read_episode(p, info) for p in tqdm(paths, desc="loading episodes", disable=not progress)]
+        actions = np.concatenate([e["action"] for e in self.episodes])
+        states = np.concatenate([e["state"] for e in self.episodes])
+        self.action_tokenizer = action_tokenizer or ActionTokenizer.fit(actions, cfg.n_bins, gripper_dims)
+        self.state_norm = state_norm or StateNormalizer.fit(states)
+        instr = InstructionTokenizer(cfg.instr_vocab, cfg.instr_len)
+        self.index = [(e, t) for e, ep in enumerate(self.episodes) for t in range(len(ep["action"]))]
+        # everything the model sees, precomputed once (small datasets live in memory)
+        self._instr = [torch.tensor(instr.encode(ep["instruction"])) for ep in self.episodes]
+        self._tokens = []
+        for ep in self.episodes:
+            T = len(ep["action"])
+            idx = np.minimum(np.arange(T)[:, None] + np.arange(cfg.horizon)[None], T - 1)
+            self._tokens.append(torch.from_numpy(self.action_tokenizer.encode(ep["action"][idx]).reshape(T, -1)))
+        self._states = [torch.from_numpy(self.state_norm(ep["state"]).astype(np.float32)) for ep in self.episodes]
+        self._images = [torch.from_numpy(np.stack([ep["images"][c] for c in cfg.cameras], axis=1))
+                        if cfg.cameras else None for ep in self.episodes]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def batch(self, indices) -> dict:
+        """Model inputs for sample indices: images float [B, n_cam, 3, H, W], instr_ids, state, tokens [B, L]."""
+        items = [self.index[int(i)] for i in indices]
+        out = {
+            "instr_ids": torch.stack([self._instr[e] for e, _ in items]),
+            "state": torch.stack([self._states[e][t] for e, t in items]),
+            "tokens": torch.stack([self._tokens[e][t] for e, t in items]),
+        }
+        if self.config.cameras:
+            pixels = torch.stack([self._images[e][t] for e, t in items])  # [B, n_cam, H, W, 3] uint8
+            out["images"] = pixels.permute(0, 1, 4, 2, 3).float() / 255.0
+        else:
+            out["images"] = None
+        return out

@@ -1,0 +1,37 @@
+"""Which action tokens a training sample hides, and their loss weights (DESIGN.md s.4)."""
+from __future__ import annotations
+
+import torch
+
+
+def teacher_noise(batch: int, length: int, generator: torch.Generator, device="cpu"):
+    """Masked diffusion: ``t ~ U(0, 1)`` per sample, each token masked with
+    probability ``t``. Returns ``(mask [B, L] bool, weight [B, L] = 1/t)``;
+    every sample hides at least one token (else it would teach nothing)."""
+    t = torch.rand(batch, 1, generator=generator).clamp_min(1e-3)
+    mask = torch.rand(batch, length, generator=generator) < t
+    forced = torch.randint(length, (batch,), generator=generator)
+    mask[torch.arange(batch), forced] |= ~mask.any(1)
+    return mask.to(device), (1.0 / t).expand(batch, length).to(device)
+
+
+def forcing_ratios(batch: int, num_blocks: int, generator: torch.Generator) -> torch.Tensor:
+    """Diffusion forcing (D2F): per sample ``p0 = U(0,1)/2 + 0.2``, increments
+    ``U(0,1) * (0.7 - p0) / (N - 1)``, ``p_b = p0 + cumsum``, clamped to <= 1.
+    Non-decreasing from left to right. ``[B, N]``."""
+    p0 = torch.rand(batch, 1, generator=generator) / 2 + 0.2
+    if num_blocks == 1:
+        return p0
+    inc = torch.rand(batch, num_blocks - 1, generator=generator) * (0.7 - p0) / (num_blocks - 1)
+    return torch.cat([p0, p0 + inc.cumsum(1)], dim=1).clamp(max=1.0)
+
+
+def student_noise(batch: int, num_blocks: int, block_size: int, generator: torch.Generator, device="cpu"):
+    """Every token of block ``b`` masked with probability ``p_b``. Returns
+    ``(mask [B, L], weight [B, L] = 1/p_b)``, at least one masked token per sample."""
+    p = forcing_ratios(batch, num_blocks, generator).repeat_interleave(block_size, dim=1)
+    length = num_blocks * block_size
+    mask = torch.rand(batch, length, generator=generator) < p
+    forced = torch.randint(length, (batch,), generator=generator)
+    mask[torch.arange(batch), forced] |= ~mask.any(1)
+    return mask.to(device), (1.0 / p).to(device)

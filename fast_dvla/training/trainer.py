@@ -1,0 +1,238 @@
+"""One training loop for both stages: the teacher's masked diffusion and the
+student's distillation (or the block-diffusion ablation).
+
+Resumable: a checkpoint holds the weights, optimizer, scheduler, step and
+every random state (data order, noise, torch/numpy/python), so an
+interrupted run resumed from it ends with the same weights as one that never
+stopped. Under torchrun the loss module runs in DistributedDataParallel and
+each rank takes its slice of every global batch.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import time
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..config import DecodeConfig
+from ..model import ModelConfig, ReferenceDVLA
+from ..policy import FastDVLAPolicy
+from .config import TrainConfig
+from .dataset import ChunkDataset
+from .distributed import DistInfo, barrier
+from .lora import adapter_disabled, adapter_state_dict, add_lora, merged_state_dict
+from .losses import block_diffusion_loss, distillation_loss, teacher_logits_for, teacher_loss
+from .noise import student_noise, teacher_noise
+
+CHECKPOINT = "checkpoint.pt"
+
+
+class StageLoss(nn.Module):
+    """The loss of one stage as a module, so DDP can wrap it."""
+
+    def __init__(self, config: TrainConfig, model: ReferenceDVLA, teacher: ReferenceDVLA | None):
+        super().__init__()
+        self.config, self.model = config, model
+        self.teacher = [teacher]  # a list: not a submodule, so DDP neither syncs nor trains it
+
+    def forward(self, batch: dict, mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        model, cfg = self.model, self.config
+        tokens = batch["tokens"]
+        prefix = model.embed_prefix(batch["images"], batch["instr_ids"], batch["state"])
+        if cfg.stage == "teacher":
+            return teacher_loss(model, prefix, tokens, mask, weight)[0]
+        if cfg.loss == "block_diffusion":
+            return block_diffusion_loss(model, prefix, tokens, mask, weight)[0]
+        teacher = self.teacher[0]
+        if teacher is model:  # the LoRA student: the teacher is the same weights, adapter off
+            with adapter_disabled(model), torch.no_grad():
+                t_prefix = model.embed_prefix(batch["images"], batch["instr_ids"], batch["state"])
+                t_logits = teacher_logits_for(model, t_prefix, tokens, mask)
+        else:
+            with torch.no_grad():
+                t_prefix = teacher.embed_prefix(batch["images"], batch["instr_ids"], batch["state"])
+                t_logits = teacher_logits_for(teacher, t_prefix, tokens, mask)
+        return distillation_loss(model, prefix, t_logits, tokens, mask, weight)[0]
+
+
+def lr_lambda(config: TrainConfig):
+    def f(step):
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        if config.schedule == "constant":
+            return 1.0
+        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, dist: DistInfo | None = None, progress: bool = True,
+                 dataset: ChunkDataset | None = None):
+        self.config, self.dist = config, dist or DistInfo()
+        self.progress = progress and self.dist.is_main
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        torch.manual_seed(config.seed)  # model init is part of the seeded run
+        self.teacher_policy = None
+        if config.stage == "teacher":
+            self.model = ReferenceDVLA(ModelConfig(**config.model))
+            self.dataset = dataset or ChunkDataset(config.data, self.model.config, gripper_dims=config.gripper_dims,
+                                                   max_episodes=config.max_episodes, progress=self.progress)
+            teacher = None
+            params = [p for p in self.model.parameters() if p.requires_grad]
+        else:
+            self.teacher_policy = FastDVLAPolicy.from_pretrained(config.teacher)
+            tp = self.teacher_policy
+            self.dataset = dataset or ChunkDataset(config.data, tp.model.config, tp.action_tokenizer, tp.state_norm,
+                                                   max_episodes=config.max_episodes, progress=self.progress)
+            if config.student == "lora":
+                self.model = tp.model
+                params = add_lora(self.model, config.lora_rank)
+                teacher = self.model
+            else:
+                teacher = tp.model.requires_grad_(False)
+                self.model = (copy.deepcopy(tp.model) if config.init == "teacher"
+                              else ReferenceDVLA(copy.deepcopy(tp.model.config))).requires_grad_(True)
+                self.model.backbone.freeze_unused()
+                params = [p for p in self.model.parameters() if p.requires_grad]
+        self.model.train()
+        self.loss_module = StageLoss(config, self.model, teacher)
+        if self.dist.world > 1:
+            self.loss_module = nn.parallel.DistributedDataParallel(self.loss_module)
+        self.params = params
+        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
+        self.data_gen = torch.Generator().manual_seed(config.seed)
+        self.noise_gen = torch.Generator().manual_seed(config.seed * 1000 + 1 + self.dist.rank)
+        self.step = 0
+        self.history: list[dict] = []
+        self.wall = 0.0
+        if self.dist.world > 1 and config.batch_size % self.dist.world:
+            raise ValueError(f"batch_size {config.batch_size} must divide by the {self.dist.world} ranks")
+
+    # -- checkpoints ------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> str:
+        return os.path.join(self.config.out, CHECKPOINT)
+
+    def state(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "step": self.step, "history": self.history,
+                "wall": self.wall, "data_gen": self.data_gen.get_state(), "noise_gen": self.noise_gen.get_state(),
+                "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
+                "python_rng": random.getstate(), "config": self.config.to_dict()}
+
+    def save_checkpoint(self) -> None:
+        if not self.dist.is_main:
+            return
+        os.makedirs(self.config.out, exist_ok=True)
+        tmp = self.checkpoint_path + ".tmp"
+        torch.save(self.state(), tmp)
+        os.replace(tmp, self.checkpoint_path)  # never a half-written checkpoint
+        self.write_logs()
+
+    def resume(self) -> bool:
+        """Load the run directory's checkpoint if there is one."""
+        if not os.path.isfile(self.checkpoint_path):
+            return False
+        s = torch.load(self.checkpoint_path, weights_only=False)
+        self.model.load_state_dict(s["model"])
+        self.optimizer.load_state_dict(s["optimizer"])
+        self.scheduler.load_state_dict(s["scheduler"])
+        self.step, self.history, self.wall = s["step"], s["history"], s["wall"]
+        self.data_gen.set_state(s["data_gen"])
+        self.noise_gen.set_state(s["noise_gen"])
+        torch.set_rng_state(s["torch_rng"])
+        np.random.set_state(s["numpy_rng"])
+        random.setstate(s["python_rng"])
+        return True
+
+    # -- the loop -----------------------------------------------------------------
+    def train_step(self) -> float:
+        cfg, model = self.config, self.model
+        idx = torch.randint(len(self.dataset), (cfg.batch_size,), generator=self.data_gen)
+        idx = idx[self.dist.rank::self.dist.world]  # every rank draws the same global batch, takes its slice
+        batch = self.dataset.batch(idx)
+        B, L = batch["tokens"].shape
+        if cfg.stage == "teacher":
+            mask, weight = teacher_noise(B, L, self.noise_gen)
+        else:
+            mask, weight = student_noise(B, model.num_blocks, model.block_size, self.noise_gen)
+        loss = self.loss_module(batch, mask, weight)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return loss.item()
+
+    def train(self, until: int | None = None, eval_fn=None, eval_every: int | None = None) -> list[dict]:
+        """Train to ``until`` (default ``config.steps``) steps; ``eval_fn(model, step) -> dict`` is logged too."""
+        cfg = self.config
+        until = cfg.steps if until is None else until
+        bar = tqdm(total=until, initial=self.step, desc=f"{cfg.stage}", disable=not self.progress)
+        recent, t_last = [], time.perf_counter()
+        while self.step < until:
+            t0 = time.perf_counter()
+            recent.append(self.train_step())
+            self.wall += time.perf_counter() - t0
+            if self.step % cfg.log_every == 0 or self.step == until:
+                rate = len(recent) / (time.perf_counter() - t_last)
+                entry = {"step": self.step, "loss": float(np.mean(recent)), "lr": self.scheduler.get_last_lr()[0],
+                         "steps_per_s": rate, "wall_s": self.wall}
+                if eval_fn is not None and eval_every and self.step % eval_every == 0:
+                    self.model.eval()
+                    entry.update(eval_fn(self.model, self.step))
+                    self.model.train()
+                self.history.append(entry)
+                bar.set_postfix(loss=f"{entry['loss']:.4f}", steps_per_s=f"{rate:.2f}")
+                recent, t_last = [], time.perf_counter()
+            bar.update(1)
+            if self.step % cfg.save_every == 0 and self.step < until:
+                self.save_checkpoint()
+        bar.close()
+        self.save_checkpoint()
+        barrier(self.dist)
+        return self.history
+
+    # -- outputs ------------------------------------------------------------------
+    def write_logs(self) -> None:
+        os.makedirs(self.config.out, exist_ok=True)
+        with open(os.path.join(self.config.out, "log.json"), "w") as f:
+            json.dump({"config": self.config.to_dict(), "history": self.history}, f, indent=2)
+        if self.history:
+            from .plots import plot_curves
+            plot_curves({self.config.stage: self.history}, "loss", os.path.join(self.config.out, "loss.png"),
+                        title=f"{self.config.stage} training loss")
+
+    def export(self, path: str | None = None) -> str:
+        """Write a FastDVLAPolicy directory (the LoRA adapter merged in; also saved on its own)."""
+        path = path or os.path.join(self.config.out, "policy")
+        if not self.dist.is_main:
+            return path
+        cfg = self.config
+        lora = cfg.stage == "distill" and cfg.student == "lora"
+        model = self.model
+        if lora:
+            plain = ReferenceDVLA(copy.deepcopy(model.config))
+            plain.load_state_dict(merged_state_dict(model))
+            model = plain
+        tokenizer = self.dataset.action_tokenizer
+        method = "vanilla" if cfg.stage == "teacher" else "fast_dvla"
+        policy = FastDVLAPolicy(copy.deepcopy(model).eval(), tokenizer, self.dataset.state_norm,
+                                DecodeConfig(method=method))
+        policy.save_pretrained(path)
+        if lora:
+            from safetensors.torch import save_file
+            save_file(adapter_state_dict(self.model), os.path.join(path, "adapter.safetensors"))
+        return path

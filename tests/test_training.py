@@ -1,0 +1,166 @@
+"""Both training stages on a synthetic task with a known answer."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from fast_dvla import DecodeConfig, FastDVLAPolicy, decode
+from fast_dvla.masks import BLOCK_CAUSAL
+from fast_dvla.training.config import TrainConfig
+from fast_dvla.training.losses import distillation_loss, forward_full
+from fast_dvla.training.noise import forcing_ratios, student_noise, teacher_noise
+from fast_dvla.training.synthetic import write_synthetic_dataset
+from fast_dvla.training.trainer import Trainer
+from helpers import TINY, random_prefix, tiny_model
+
+
+# -- noise ----------------------------------------------------------------------
+def test_forcing_ratios_are_monotone_and_in_range():
+    g = torch.Generator().manual_seed(0)
+    p = forcing_ratios(1000, 8, g)
+    assert (p[:, 1:] >= p[:, :-1]).all()
+    assert (p[:, 0] >= 0.2).all() and (p[:, 0] <= 0.7).all() and (p <= 0.7 + 1e-6).all()
+    again = forcing_ratios(1000, 8, torch.Generator().manual_seed(0))
+    assert torch.equal(p, again)
+
+
+def test_noise_masks_follow_their_ratios():
+    g = torch.Generator().manual_seed(1)
+    mask, weight = student_noise(4000, 8, 7, g)
+    assert mask.any(1).all() and mask.shape == (4000, 56)
+    per_block = mask.view(4000, 8, 7).float().mean((0, 2))
+    assert per_block[-1] > per_block[0] + 0.1  # later blocks noisier on average
+    assert torch.allclose(weight.view(4000, 8, 7)[..., 0:1].expand(-1, -1, 7), weight.view(4000, 8, 7))
+    tmask, tweight = teacher_noise(2000, 56, g)
+    assert tmask.any(1).all() and (tweight >= 1).all()
+    assert 0.4 < tmask.float().mean() < 0.6  # E[t] = 1/2
+
+
+# -- losses ---------------------------------------------------------------------
+def test_distillation_gradient_vanishes_when_student_matches_teacher():
+    model = tiny_model(0, sharpness=4.0).train()
+    prefix = random_prefix(model, 2)
+    tokens = torch.randint(0, 256, (2, 28))
+    mask = torch.rand(2, 28) < 0.5
+    noised = torch.where(mask, torch.full_like(tokens, model.mask_token_id), tokens)
+    with torch.no_grad():
+        target = forward_full(model, prefix, noised, BLOCK_CAUSAL)
+    loss, _ = distillation_loss(model, prefix, target, tokens, mask, torch.ones(2, 28))
+    loss.backward()
+    grads = [p.grad.abs().max() for p in model.parameters() if p.grad is not None]
+    assert max(grads) < 1e-5
+    # the teacher's logits at unmasked positions do not matter
+    target2 = target.clone()
+    target2[~mask] = torch.randn_like(target2[~mask])
+    loss2, _ = distillation_loss(model, prefix, target2, tokens, mask, torch.ones(2, 28))
+    assert torch.allclose(loss, loss2)
+
+
+# -- end to end on the synthetic task ---------------------------------------------
+def accuracy(model, dataset, method):
+    batch = dataset.batch(range(0, len(dataset), 5))
+    with torch.no_grad():
+        prefix = model.embed_prefix(batch["images"], batch["instr_ids"], batch["state"])
+        tokens = decode(model, prefix, DecodeConfig(method=method)).tokens
+    return (tokens == batch["tokens"]).float().mean().item()
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    return write_synthetic_dataset(str(tmp_path_factory.mktemp("synthetic")), 60)
+
+
+@pytest.fixture(scope="module")
+def teacher(synthetic, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("teacher"))
+    cfg = TrainConfig(stage="teacher", data=synthetic, out=out, model=dict(TINY), steps=600, batch_size=32,
+                      lr=2e-3, warmup_steps=20, log_every=100, save_every=1000)
+    trainer = Trainer(cfg, progress=False)
+    trainer.train()
+    return trainer, trainer.export()
+
+
+def test_teacher_learns_the_synthetic_task(teacher):
+    trainer, path = teacher
+    acc = accuracy(trainer.model.eval(), trainer.dataset, "vanilla")
+    assert acc > 0.4, acc  # chance is 1/256
+    assert trainer.history[-1]["loss"] < trainer.history[0]["loss"] / 2
+    for name in ("log.json", "loss.png", "checkpoint.pt"):
+        assert os.path.isfile(os.path.join(trainer.config.out, name))
+    loaded = FastDVLAPolicy.from_pretrained(path)
+    assert accuracy(loaded.model, trainer.dataset, "vanilla") == acc
+
+
+@pytest.mark.parametrize("student", ["lora", "full"])
+def test_distilled_student_matches_teacher(teacher, synthetic, tmp_path, student):
+    t_trainer, t_path = teacher
+    teacher_acc = accuracy(t_trainer.model.eval(), t_trainer.dataset, "vanilla")
+    cfg = TrainConfig(stage="distill", data=synthetic, out=str(tmp_path), teacher=t_path, student=student,
+                      steps=300, batch_size=32, lr=3e-3 if student == "lora" else 1e-3, warmup_steps=20,
+                      log_every=100, save_every=1000)
+    trainer = Trainer(cfg, progress=False)
+    trainer.train()
+    policy = FastDVLAPolicy.from_pretrained(trainer.export())
+    assert policy.decode_config.method == "fast_dvla"
+    student_acc = accuracy(policy.model, trainer.dataset, "fast_dvla")
+    assert student_acc >= teacher_acc - 0.02, (student_acc, teacher_acc)
+    if student == "lora":
+        assert os.path.isfile(os.path.join(cfg.out, "policy", "adapter.safetensors"))
+        # the exported merged weights behave as the adapter-carrying model
+        assert accuracy(trainer.model.eval(), trainer.dataset, "fast_dvla") == student_acc
+
+
+def test_resume_gives_the_same_weights(synthetic, tmp_path):
+    def cfg(out):
+        return TrainConfig(stage="teacher", data=synthetic, out=str(out), model=dict(TINY), steps=12,
+                           batch_size=8, lr=1e-3, warmup_steps=3, log_every=2, save_every=6)
+    straight = Trainer(cfg(tmp_path / "a"), progress=False)
+    straight.train()
+    first = Trainer(cfg(tmp_path / "b"), progress=False)
+    first.train(until=6)  # "interrupted" after the checkpoint at step 6
+    resumed = Trainer(cfg(tmp_path / "b"), progress=False)
+    torch.manual_seed(1234)  # a different process state: resume must restore it
+    assert resumed.resume() and resumed.step == 6
+    resumed.train()
+    for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def _ddp_worker(rank, world, port, data, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    from fast_dvla.training.distributed import init_distributed
+    torch.set_num_threads(1)
+    cfg = TrainConfig(stage="teacher", data=data, out=out, model=dict(TINY), steps=4, batch_size=8, lr=1e-3,
+                      warmup_steps=1, log_every=2, save_every=100)
+    trainer = Trainer(cfg, init_distributed(), progress=False)
+    trainer.train()
+    torch.save(trainer.model.state_dict(), os.path.join(out, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_ranks_hold_identical_weights(synthetic, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, synthetic, str(tmp_path)), nprocs=2, join=True)
+    w0, w1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    init = tiny_model(0).state_dict()
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    assert any(not torch.equal(w0[k], init[k]) for k in w0 if k in init)  # and they did train
+
+
+def test_config_errors_are_clear(tmp_path):
+    with pytest.raises(ValueError, match="unknown keys"):
+        TrainConfig.from_dict({"stage": "teacher", "data": "d", "out": "o", "stpes": 3})
+    with pytest.raises(ValueError, match="needs 'teacher'"):
+        TrainConfig(stage="distill", data="d", out="o")
+    with pytest.raises(ValueError, match="student must be"):
+        TrainConfig(stage="distill", data="d", out="o", teacher="t", student="adapter")
+    with pytest.raises(ValueError, match="steps"):
+        TrainConfig(data="d", out="o", steps=0)
+    path = tmp_path / "c.yaml"
+    path.write_text("stage: teacher\ndata: d\nout: o\n")
+    assert TrainConfig.load(str(path), ["steps=7", "model.num_layers=1"]).model == {"num_layers": 1}
