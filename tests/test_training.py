@@ -164,3 +164,20 @@ def test_config_errors_are_clear(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("stage: teacher\ndata: d\nout: o\n")
     assert TrainConfig.load(str(path), ["steps=7", "model.num_layers=1"]).model == {"num_layers": 1}
+
+
+def test_convergence_command_writes_its_table(tmp_path):
+    import argparse
+    import json
+
+    from fast_dvla.eval import convergence
+
+    parser = argparse.ArgumentParser()
+    convergence.add_arguments(parser)
+    args = parser.parse_args(["--steps", "10", "--eval-every", "5", "--teacher-steps", "10", "--episodes", "6",
+                              "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "conv")])
+    convergence.main(args)
+    result = json.loads((tmp_path / "conv.json").read_text())
+    assert [r["run"] for r in result["rows"]] == list(convergence.RUNS)
+    assert all(len(c) == 3 and "accuracy" in c[-1] for c in result["curves"].values())  # step 0, 5, 10
+    assert (tmp_path / "conv.md").exists() and (tmp_path / "conv.png").exists()
