@@ -75,13 +75,14 @@ class FastDVLAPolicy:
         self._queue.clear()
 
     # -- persistence ----------------------------------------------------------
-    def save_pretrained(self, path: str) -> None:
+    def save_pretrained(self, path: str, dtype: torch.dtype | None = None) -> None:
+        """``dtype`` (e.g. ``torch.float16``) stores the weights smaller; they load back in the model's dtype."""
         os.makedirs(path, exist_ok=True)
         config = {"format": FORMAT, "version": 1, "model": self.model.config.to_dict(),
                   "decode": self.decode_config.to_dict(), "n_action_steps": self.n_action_steps}
         with open(os.path.join(path, CONFIG_FILE), "w") as f:
             json.dump(config, f, indent=2)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
+        state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in self.model.state_dict().items()}
         save_file(state, os.path.join(path, WEIGHTS_FILE))
         self.action_tokenizer.save(os.path.join(path, ACTION_STATS_FILE))
         with open(os.path.join(path, STATE_STATS_FILE), "w") as f:

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from fast_dvla import ActionTokenizer, DecodeConfig, FastDVLAPolicy
 from fast_dvla.processor import StateNormalizer
@@ -55,6 +56,10 @@ def test_save_and_load_round_trip(tmp_path):
     loaded = FastDVLAPolicy.from_pretrained(str(tmp_path / "ckpt"))
     assert loaded.decode_config == policy.decode_config and loaded.n_action_steps == 2
     assert np.array_equal(loaded.predict_action_chunk(obs()), policy.predict_action_chunk(obs()))
+    policy.save_pretrained(tmp_path / "half", dtype=torch.float16)
+    half = FastDVLAPolicy.from_pretrained(str(tmp_path / "half"))
+    assert next(half.model.parameters()).dtype == torch.float32
+    assert (tmp_path / "half" / "model.safetensors").stat().st_size < 0.6 * (tmp_path / "ckpt" / "model.safetensors").stat().st_size
     with pytest.raises(FileNotFoundError, match="not a fast-dvla checkpoint"):
         FastDVLAPolicy.from_pretrained(str(tmp_path))
 
