@@ -20,13 +20,11 @@ from ..masks import flex_block_mask
 
 
 def _sdpa(query, key, value, mask, scaling):
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
     if mask is not None and mask.dtype != torch.bool:
         raise TypeError("fast-dvla backends take the boolean mask")
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+    # grouped-query heads read their shared kv head directly: no repeated copy of the cache
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+                                          enable_gqa=query.shape[1] != key.shape[1])
 
 
 def sdpa_attention(module, query, key, value, attention_mask, scaling=None, fast_dvla_layout=None, **kwargs):
