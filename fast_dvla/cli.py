@@ -11,6 +11,7 @@ SUBCOMMANDS = {
     "micro-bench": ("fast_dvla.eval.micro_bench", "time every decoder on the same model and inputs"),
     "train-teacher": ("fast_dvla.training.commands:TeacherCommand", "masked-diffusion training of the teacher"),
     "distill": ("fast_dvla.training.commands:DistillCommand", "distil the teacher into a block-causal student"),
+    "bench": ("fast_dvla.eval.bench_libero", "closed-loop benchmark of every decoder (bench libero)"),
     "convergence": ("fast_dvla.eval.convergence", "student convergence: distillation vs block diffusion vs scratch"),
 }
 

@@ -1,0 +1,236 @@
+"""``fast-dvla bench libero``: closed-loop LIBERO episodes and throughput for
+every decoder, side by side, in one run.
+
+    fast-dvla bench libero                      # short: 2 tasks x 1 initial state per decoder
+    fast-dvla bench libero --tasks all --init-states 0-49 --shard 0/4   # the full suite, one shard of 4
+    fast-dvla bench libero --merge outputs/bench_libero.shard*.json     # merge the shards
+
+Per decoder: closed-loop success on the suite's official initial states;
+throughput measured on the same observations in one process (action
+tokens/s, chunk latency median/p90, chunk Hz, action Hz, NFE and query
+tokens per chunk, speedup over vanilla); agreement of its action tokens with
+the teacher's vanilla decoding on those observations. Teacher decoders
+(vanilla, fast_dllm) run the teacher; student decoders the student.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import json
+import os
+import platform
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from fast_dvla import DecodeConfig, FastDVLAPolicy
+from fast_dvla.config import METHODS
+
+from .record_libero_demos import parse_range
+from .report import markdown_table, write_json
+from .throughput import COLUMNS as SPEED_COLUMNS
+from .throughput import measure, policy_for, process_peak_rss_mb
+
+
+
+def default_checkpoint(kind: str) -> str:
+    import fast_dvla
+    return os.path.join(os.path.dirname(fast_dvla.__file__), "assets", "reference", "libero_object", kind)
+
+
+def run_episode(env, policy: FastDVLAPolicy, config: DecodeConfig, init: int, keep_obs: list | None,
+                max_steps: int) -> dict:
+    obs = env.reset(init)
+    policy.reset()
+    latencies, nfe, query = [], [], []
+    original = policy.predict_action_chunk
+
+    def timed_predict(o, cfg=None):
+        t0 = time.perf_counter()
+        out = original(o, config)
+        latencies.append(time.perf_counter() - t0)
+        nfe.append(policy.last_stats.nfe)
+        query.append(policy.last_stats.query_tokens)
+        if keep_obs is not None:
+            keep_obs.append(o)
+        return out
+
+    policy.predict_action_chunk = timed_predict
+    success, steps = False, 0
+    try:
+        for steps in range(1, max_steps + 1):
+            obs, _, done, info = env.step(policy.select_action(obs))
+            if done or info["success"]:
+                success = True
+                break
+    finally:
+        policy.predict_action_chunk = original
+    return {"success": success, "steps": steps, "chunk_latency_s": latencies, "nfe": nfe, "query_tokens": query}
+
+
+def token_agreement(teacher, student, observations, base: DecodeConfig, methods) -> dict:
+    """Fraction of action tokens each decoder shares with the teacher's vanilla decoding."""
+    out = {}
+    ref = [teacher_tokens(teacher, o, base.replace(method="vanilla")) for o in observations]
+    for m in methods:
+        policy = policy_for(m, teacher, student)
+        same = [np.mean(teacher_tokens(policy, o, base.replace(method=m)) == r) for o, r in zip(observations, ref)]
+        out[m] = float(np.mean(same))
+    return out
+
+
+def teacher_tokens(policy, obs, config):
+    actions = policy.predict_action_chunk(obs, config)
+    return policy.action_tokenizer.encode(actions)
+
+
+def run(args) -> dict:
+    from fast_dvla.envs.libero_env import LiberoTaskEnv, num_tasks
+
+    teacher = FastDVLAPolicy.from_pretrained(args.teacher or default_checkpoint("teacher"))
+    student = FastDVLAPolicy.from_pretrained(args.student or default_checkpoint("student"))
+    base = DecodeConfig(tau_conf=args.tau_conf, tau_add=args.tau_add, tau_act=args.tau_act,
+                        vanilla_steps=args.vanilla_steps)
+    methods = [m for m in args.decoders.split(",")]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise SystemExit(f"unknown decoders {sorted(unknown)}; expected some of {METHODS}")
+    tasks = list(range(num_tasks(args.suite))) if args.tasks == "all" else parse_range(args.tasks)
+    inits = parse_range(args.init_states)
+    shard, shards = (int(x) for x in args.shard.split("/"))
+    jobs = [(t, i) for t in tasks for i in inits]
+    jobs = jobs[shard::shards]
+    cfg = teacher.model.config
+    episodes = {m: [] for m in methods}
+    observations: list = []
+    bar = tqdm(total=len(jobs) * len(methods), desc=f"LIBERO episodes (shard {shard}/{shards})")
+    for task in sorted({t for t, _ in jobs}):
+        env = LiberoTaskEnv(args.suite, task, image_size=cfg.image_size, cameras=cfg.cameras)
+        for _, init in [j for j in jobs if j[0] == task]:
+            for m in methods:
+                keep = observations if (m == methods[0] and len(observations) < args.timing_obs) else None
+                result = run_episode(env, policy_for(m, teacher, student), base.replace(method=m), init, keep,
+                                     args.max_steps or env.max_steps)
+                result.update(task=task, init=init)
+                episodes[m].append(result)
+                bar.update(1)
+                bar.set_postfix({k[:6]: f"{np.mean([e['success'] for e in v]):.2f}" for k, v in episodes.items() if v})
+        env.close()
+    bar.close()
+    result = {"suite": args.suite, "decode": base.to_dict(), "date": datetime.date.today().isoformat(),
+              "machine": platform.machine(), "torch_threads": torch.get_num_threads(),
+              "teacher": args.teacher or "shipped reference", "student": args.student or "shipped reference",
+              "shard": args.shard, "episodes": episodes}
+    if shard == 0 and observations:  # speed is measured in one process, on the same observations
+        result["throughput"] = measure(teacher, student, observations, base, methods, warmup=2)
+        result["agreement"] = token_agreement(teacher, student, observations[: args.agreement_obs], base, methods)
+        result["timing_observations"] = len(observations)
+    result["peak_rss_mb"] = process_peak_rss_mb()
+    return result
+
+
+def merge(results: list[dict]) -> dict:
+    results = sorted(results, key=lambda r: int(str(r.get("shard", "0/1")).split("/")[0]))
+    first = next((r for r in results if "throughput" in r), results[0])
+    merged = {k: v for k, v in first.items() if k != "episodes"}
+    merged["episodes"] = {}
+    for r in results:
+        for m, eps in r["episodes"].items():
+            merged["episodes"].setdefault(m, []).extend(eps)
+    return merged
+
+
+def table_rows(result: dict) -> list[dict]:
+    speed = {r["method"]: r for r in result.get("throughput", [])}
+    rows = []
+    for m, eps in result["episodes"].items():
+        row = {"method": m, "episodes": len(eps), "success": float(np.mean([e["success"] for e in eps])) if eps else None,
+               "agreement": result.get("agreement", {}).get(m)}
+        row.update({k: v for k, v in speed.get(m, {}).items() if k != "method"})
+        rows.append(row)
+    return rows
+
+
+COLUMNS = [("method", "decoder", "s"), ("episodes", "episodes", "d"), ("success", "success", ".0%"),
+           ("agreement", "tokens = teacher", ".0%")] + SPEED_COLUMNS[1:]
+
+
+def plot(rows: list[dict], path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    names = [r["method"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    axes[0].bar(names, [r.get("tokens_per_s") or 0 for r in rows], color="tab:blue")
+    axes[0].set_ylabel("action tokens/s")
+    axes[1].bar(names, [100 * (r.get("success") or 0) for r in rows], color="tab:green")
+    axes[1].set_ylabel("success %")
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=20)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def report(result: dict, out: str) -> None:
+    rows = table_rows(result)
+    header = (f"# LIBERO ({result['suite']}) decoders side by side ({result['date']}, {result['machine']}, "
+              f"{result['torch_threads']} torch threads)\n\nspeed measured on {result.get('timing_observations', 0)} "
+              f"observations from the run; success over each decoder's closed-loop episodes")
+    table = markdown_table(rows, COLUMNS)
+    print(header + "\n\n" + table)
+    write_json(out + ".json", result)
+    with open(out + ".md", "w") as f:
+        f.write(header + "\n\n" + table + "\n")
+    plot(rows, out + ".png")
+    print(f"wrote {out}.json, .md and .png")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", choices=["libero"], help="the benchmark to run")
+    p.add_argument("--teacher", help="teacher policy directory (default: the shipped reference)")
+    p.add_argument("--student", help="student policy directory (default: the shipped reference)")
+    p.add_argument("--suite", default="libero_object")
+    p.add_argument("--tasks", default="0,5", help="'all' or ids like 0-9")
+    p.add_argument("--init-states", default="0", help="official initial-state ids, e.g. 0-49")
+    p.add_argument("--decoders", default=",".join(METHODS))
+    p.add_argument("--max-steps", type=int, default=None, help="default: the suite's usual limit")
+    p.add_argument("--timing-obs", type=int, default=24, help="observations kept for the throughput phase")
+    p.add_argument("--agreement-obs", type=int, default=12)
+    p.add_argument("--tau-conf", type=float, default=0.5)
+    p.add_argument("--tau-add", type=float, default=0.5)
+    p.add_argument("--tau-act", type=float, default=0.7)
+    p.add_argument("--vanilla-steps", type=int, default=12)
+    p.add_argument("--shard", default=None, help="i/n: run every n-th episode from the i-th (default: torchrun rank)")
+    p.add_argument("--merge", nargs="+", help="merge shard JSON files instead of running")
+    p.add_argument("--out", default="outputs/bench_libero", help="path stem for .json, .md and .png")
+
+
+def main(args) -> None:
+    if args.merge:
+        files = sorted({f for pattern in args.merge for f in glob.glob(pattern)})
+        if not files:
+            raise SystemExit(f"no shard files match {args.merge}")
+        results = []
+        for f in files:
+            with open(f) as fh:
+                results.append(json.load(fh))
+        report(merge(results), args.out)
+        return
+    if args.shard is None:
+        args.shard = f"{os.environ.get('RANK', '0')}/{os.environ.get('WORLD_SIZE', '1')}"
+    result = run(args)
+    out = args.out if args.shard == "0/1" else f"{args.out}.shard{args.shard.split('/')[0]}"
+    report(result, out)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    main(parser.parse_args())

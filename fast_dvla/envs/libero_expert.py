@@ -1,0 +1,198 @@
+"""A top-down waypoint expert for LIBERO-Object, driven by privileged poses.
+
+Gripper pointing down, orientation held at its start; fingers close along
+world y. Per episode: hover above the object, descend to a grasp height
+derived from the object's height (aiming at its origin puts the fingers into
+the table for flat boxes and onto the cap for tall bottles), close, lift
+until the object clears the basket rim, check that it rose with the hand
+(else open and retry), carry it over the basket, lower, open, retreat.
+Object and basket extents come from the simulator's collision geometry.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+POS_GAIN = 40.0          # action units per metre of error (a sustained +1 moves ~1.2 cm/step)
+ROT_GAIN = 2.0           # per radian of orientation error (rotation scale 0.5 rad per unit)
+TOL = 0.008              # metres: a waypoint is reached
+STALL_STEPS = 6          # a descent that stops moving for this long has met something
+CLOSE_STEPS = 12
+OPEN_STEPS = 10
+RIM_CLEARANCE = 0.06     # object bottom above the basket rim while carrying
+MAX_RETRIES = 2
+# the hand (palm) around the grip site, measured on the Panda in LIBERO: it spans
+# about +-10 cm along the finger axis (world y) and sits ~2.4 cm above the grip site
+PALM_HALF_X, PALM_HALF_Y, PALM_ABOVE_GRIP = 0.04, 0.105, 0.024
+
+
+def _quat_mul(a, b):
+    ax, ay, az, aw = a
+    bx, by, bz, bw = b
+    return np.array([aw * bx + ax * bw + ay * bz - az * by, aw * by - ax * bz + ay * bw + az * bx,
+                     aw * bz + ax * by - ay * bx + az * bw, aw * bw - ax * bx - ay * by - az * bz])
+
+
+def _quat_conj(q):
+    return np.array([-q[0], -q[1], -q[2], q[3]])
+
+
+def orientation_error(target_xyzw, current_xyzw) -> np.ndarray:
+    """World-frame axis-angle rotating ``current`` onto ``target``."""
+    q = _quat_mul(target_xyzw, _quat_conj(current_xyzw))
+    if q[3] < 0:
+        q = -q
+    s = np.linalg.norm(q[:3])
+    if s < 1e-9:
+        return np.zeros(3)
+    return q[:3] / s * 2 * np.arctan2(s, q[3])
+
+
+def body_extent(env, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    """World-frame (low, high) corners of the collision geometry of bodies named ``prefix*``."""
+    sim = env.env.env.sim
+    model, data = sim.model._model, sim.data._data
+    bodies = {b for b in range(model.nbody) if model.body(b).name.startswith(prefix)}
+    lows, highs = [], []
+    for g in range(model.ngeom):
+        if model.geom_bodyid[g] in bodies and model.geom_contype[g] != 0:
+            rot = data.geom_xmat[g].reshape(3, 3)
+            centre = data.geom_xpos[g] + rot @ model.geom_aabb[g][:3]
+            half = np.abs(rot) @ model.geom_aabb[g][3:]
+            lows.append(centre - half)
+            highs.append(centre + half)
+    if not lows:
+        raise ValueError(f"no collision geometry for bodies named {prefix!r}")
+    return np.min(lows, axis=0), np.max(highs, axis=0)
+
+
+class LiberoObjectExpert:
+    """``expert.reset(env)`` after ``env.reset(...)``, then ``expert.act(env.raw_obs)`` each step."""
+
+    def reset(self, env) -> None:
+        self.obj, self.basket = env.object_of_interest[:2]
+        raw = env.raw_obs
+        lo, hi = body_extent(env, self.obj)
+        self.obj_height = float(hi[2] - lo[2])
+        self.obj_bottom_offset = float(raw[self.obj + "_pos"][2] - lo[2])  # origin above its lowest point
+        _, basket_hi = body_extent(env, self.basket)
+        self.rim = float(basket_hi[2])
+        self.quat0 = np.array(raw["robot0_eef_quat"], dtype=np.float64)
+        h = self.obj_height
+        # grasp height of the grip site above the object's bottom: mid-height for
+        # short objects, just below the top for tall ones, never into the table
+        self.grasp_above_bottom = max(h / 2, h - 0.045, 0.012)
+        self.grasp_dx = self._choose_grasp_offset(env, lo, hi)
+        self.retries = 0
+        self._start("hover")
+
+    def _choose_grasp_offset(self, env, lo, hi) -> float:
+        """Where along world x (across the fingers) to grasp: the palm must not
+        come down on a neighbour taller than the palm's lowest point."""
+        raw = env.raw_obs
+        centre_x = float(raw[self.obj + "_pos"][0])
+        gy = float(raw[self.obj + "_pos"][1])
+        palm_bottom = float(lo[2]) + self.grasp_above_bottom + PALM_ABOVE_GRIP
+        neighbours = []
+        for key in raw:
+            name = key[:-4]
+            if key.endswith("_pos") and "robot0" not in key and "_to_" not in key and name not in (self.obj,):
+                try:
+                    n_lo, n_hi = body_extent(env, name)
+                except ValueError:
+                    continue
+                if n_hi[2] > palm_bottom:
+                    neighbours.append((n_lo, n_hi))
+        best, best_cost = 0.0, None
+        margin = min(0.012, (hi[0] - lo[0]) / 2)
+        for gx in np.linspace(lo[0] + margin, hi[0] - margin, 11):
+            cost = 0.0
+            for n_lo, n_hi in neighbours:
+                ox = min(gx + PALM_HALF_X, n_hi[0]) - max(gx - PALM_HALF_X, n_lo[0])
+                oy = min(gy + PALM_HALF_Y, n_hi[1]) - max(gy - PALM_HALF_Y, n_lo[1])
+                if ox > -0.01 and oy > 0:  # keep 1 cm of clearance
+                    cost += (ox + 0.01) * oy
+            cost += 1e-3 * abs(gx - centre_x)  # otherwise prefer the middle
+            if best_cost is None or cost < best_cost:
+                best, best_cost = float(gx - centre_x), cost
+        return best
+
+    def _start(self, phase: str) -> None:
+        self.phase, self.phase_steps, self._last_z, self._still = phase, 0, None, 0
+        self.done = phase == "finished"
+
+    def _move(self, raw, target, gripper: float) -> np.ndarray:
+        eef = raw["robot0_eef_pos"]
+        action = np.zeros(7)
+        action[:3] = np.clip((np.asarray(target) - eef) * POS_GAIN, -1, 1)
+        action[3:6] = np.clip(orientation_error(self.quat0, raw["robot0_eef_quat"]) * ROT_GAIN, -1, 1)
+        action[6] = gripper
+        return action
+
+    def _stalled(self, z: float) -> bool:
+        if self._last_z is not None and abs(z - self._last_z) < 5e-4:
+            self._still += 1
+        else:
+            self._still = 0
+        self._last_z = z
+        return self._still >= STALL_STEPS
+
+    def act(self, raw: dict) -> np.ndarray:
+        self.phase_steps += 1
+        eef = np.asarray(raw["robot0_eef_pos"])
+        obj = np.asarray(raw[self.obj + "_pos"])
+        basket = np.asarray(raw[self.basket + "_pos"])
+        obj_bottom = obj[2] - self.obj_bottom_offset
+        grasp_z = obj_bottom + self.grasp_above_bottom
+        carry_z = grasp_z + (self.rim + RIM_CLEARANCE - obj_bottom)
+        near = lambda target: np.linalg.norm(np.asarray(target) - eef) < TOL  # noqa: E731
+        p = self.phase
+
+        gx = obj[0] + self.grasp_dx
+        if p == "hover":
+            target = [gx, obj[1], grasp_z + 0.10]
+            if near(target) or self.phase_steps > 60:
+                self._start("descend")
+            return self._move(raw, target, -1)
+        if p == "descend":
+            target = [gx, obj[1], grasp_z]
+            if near(target) or self._stalled(eef[2]) or self.phase_steps > 40:
+                self._start("close")
+                self._grasp_obj_z = obj[2]
+            return self._move(raw, target, -1)
+        if p == "close":
+            if self.phase_steps >= CLOSE_STEPS:
+                self._start("lift")
+            return self._move(raw, [gx, obj[1], grasp_z], 1)
+        if p == "lift":
+            target = [eef[0], eef[1], carry_z]
+            stayed = obj[2] < self._grasp_obj_z + 0.02  # the object did not rise with the hand
+            if stayed and (self.phase_steps > 15 or near(target)):
+                self._start("regrasp")
+                return self._move(raw, target, -1)
+            if near(target) or self.phase_steps > 60:
+                self._start("carry")
+            return self._move(raw, target, 1)
+        if p == "regrasp":
+            self.retries += 1
+            self._start("hover" if self.retries <= MAX_RETRIES else "finished")
+            return self._move(raw, [eef[0], eef[1], eef[2] + 0.02], -1)
+        if p == "carry":
+            target = [basket[0], basket[1], carry_z]
+            if np.linalg.norm((target - eef)[:2]) < 0.01 or self.phase_steps > 80:
+                self._start("lower")
+            return self._move(raw, target, 1)
+        if p == "lower":
+            target = [basket[0], basket[1], carry_z - RIM_CLEARANCE + 0.02]
+            if near(target) or self._stalled(eef[2]) or self.phase_steps > 30:
+                self._start("release")
+            return self._move(raw, target, 1)
+        if p == "release":
+            if self.phase_steps >= OPEN_STEPS:
+                self._start("retreat")
+            return self._move(raw, [eef[0], eef[1], eef[2]], -1)
+        if p == "retreat":
+            target = [eef[0], eef[1], carry_z + 0.05]
+            if near(target) or self.phase_steps > 20:
+                self._start("finished")
+            return self._move(raw, target, -1)
+        return self._move(raw, eef, -1)  # finished: hold still, open

@@ -1,0 +1,28 @@
+"""Merging benchmark shards and the comparison table (no simulator needed)."""
+import json
+
+from fast_dvla.eval.bench_libero import merge, report, table_rows
+
+
+def shard(idx, successes, with_speed):
+    result = {"suite": "libero_object", "date": "2026-11-22", "machine": "x86_64", "torch_threads": 2,
+              "shard": f"{idx}/2", "episodes": {m: [{"success": s, "task": idx, "init": k}
+                                                   for k, s in enumerate(successes)]
+                                               for m in ("vanilla", "fast_dvla")}}
+    if with_speed:
+        result["throughput"] = [{"method": "vanilla", "tokens_per_s": 100.0, "speedup": 1.0, "nfe": 12.0},
+                                {"method": "fast_dvla", "tokens_per_s": 300.0, "speedup": 3.0, "nfe": 8.0}]
+        result["agreement"] = {"vanilla": 1.0, "fast_dvla": 0.9}
+        result["timing_observations"] = 4
+    return result
+
+
+def test_merge_keeps_every_episode_and_one_speed_measurement(tmp_path):
+    merged = merge([shard(1, [False, True], False), shard(0, [True, True], True)])
+    rows = {r["method"]: r for r in table_rows(merged)}
+    assert rows["vanilla"]["episodes"] == 4 and rows["vanilla"]["success"] == 0.75
+    assert rows["fast_dvla"]["speedup"] == 3.0 and rows["fast_dvla"]["agreement"] == 0.9
+    report(merged, str(tmp_path / "r"))
+    assert json.loads((tmp_path / "r.json").read_text())["episodes"]["fast_dvla"][0]["success"]
+    table = (tmp_path / "r.md").read_text()
+    assert "| fast_dvla | 4 | 75% | 90% |" in table
