@@ -29,16 +29,11 @@ from tqdm import tqdm
 from fast_dvla import DecodeConfig, FastDVLAPolicy
 from fast_dvla.config import METHODS
 
+from .micro_bench import reference_checkpoint as default_checkpoint
 from .record_libero_demos import parse_range
 from .report import markdown_table, write_json
 from .throughput import COLUMNS as SPEED_COLUMNS
 from .throughput import measure, policy_for, process_peak_rss_mb
-
-
-
-def default_checkpoint(kind: str) -> str:
-    import fast_dvla
-    return os.path.join(os.path.dirname(fast_dvla.__file__), "assets", "reference", "libero_object", kind)
 
 
 def run_episode(env, policy: FastDVLAPolicy, config: DecodeConfig, init: int, keep_obs: list | None,

@@ -4,14 +4,16 @@ independent), latency, action tokens/s and the speedup over vanilla.
 
     fast-dvla micro-bench [--teacher DIR --student DIR] [--batch 1] [--repeats 10]
 
-Without checkpoints it uses a randomly initialised reference model: its
-confidences are near-uniform, so the thresholded decoders fall back to the
-1/n rule and the numbers show the engine's cost, not a trained policy's.
+Without checkpoints it uses the shipped LIBERO-Object reference teacher and
+student; with ``--random`` a randomly initialised model, whose near-uniform
+confidences make the thresholded decoders fall back to the 1/n rule (the
+engine's cost, not a trained policy's). Observations are random images.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 
 import numpy as np
@@ -23,6 +25,11 @@ from fast_dvla.tokenizer import ActionTokenizer
 
 from .report import markdown_table, write_json
 from .throughput import COLUMNS, measure, process_peak_rss_mb
+
+
+def reference_checkpoint(kind: str) -> str:
+    import fast_dvla
+    return os.path.join(os.path.dirname(fast_dvla.__file__), "assets", "reference", "libero_object", kind)
 
 
 def random_policy(seed: int) -> FastDVLAPolicy:
@@ -44,6 +51,8 @@ def random_observation(policy: FastDVLAPolicy, batch: int, seed: int) -> dict:
 def run(args) -> dict:
     if bool(args.teacher) != bool(args.student):
         raise SystemExit("give both --teacher and --student, or neither")
+    if not args.teacher and not args.random and os.path.isdir(reference_checkpoint("teacher")):
+        args.teacher, args.student = reference_checkpoint("teacher"), reference_checkpoint("student")
     if args.teacher:
         teacher = FastDVLAPolicy.from_pretrained(args.teacher)
         student = FastDVLAPolicy.from_pretrained(args.student)
@@ -63,6 +72,7 @@ def run(args) -> dict:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", help="teacher checkpoint directory (vanilla, fast_dllm)")
     p.add_argument("--student", help="student checkpoint directory (block_diffusion, fast_dvla)")
+    p.add_argument("--random", action="store_true", help="a random-init model even if the reference is shipped")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=10, help="observations timed (each once per decoder)")
     p.add_argument("--warmup", type=int, default=2)

@@ -7,7 +7,7 @@ from fast_dvla.eval import micro_bench
 def test_micro_bench_reports_every_decoder(tmp_path):
     parser = argparse.ArgumentParser()
     micro_bench.add_arguments(parser)
-    args = parser.parse_args(["--repeats", "2", "--warmup", "1", "--out", str(tmp_path / "r.json")])
+    args = parser.parse_args(["--random", "--repeats", "2", "--warmup", "1", "--out", str(tmp_path / "r.json")])
     micro_bench.main(args)
     result = json.loads((tmp_path / "r.json").read_text())
     rows = {r["method"]: r for r in result["results"]}
