@@ -166,6 +166,7 @@ def plot(rows: list[dict], path: str) -> None:
     axes[0].set_ylabel("action tokens/s")
     axes[1].bar(names, [100 * (r.get("success") or 0) for r in rows], color="tab:green")
     axes[1].set_ylabel("success %")
+    axes[1].set_ylim(0, 100)  # a flat 0% should read as 0, not as an empty axis
     for ax in axes:
         ax.tick_params(axis="x", rotation=20)
     fig.tight_layout()
