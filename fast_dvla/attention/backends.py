@@ -51,27 +51,26 @@ def flex_attention(module, query, key, value, attention_mask, scaling=None, fast
     return out.transpose(1, 2).contiguous(), None
 
 
-def triton_attention(module, query, key, value, attention_mask, scaling=None, fast_dvla_layout=None, **kwargs):
-    cache_len = None if fast_dvla_layout is None else fast_dvla_layout.fused_cache_len
+def _fused(kernel_name, query, key, value, attention_mask, scaling, layout):
+    """A fused kernel for cached block-causal windows, SDPA with the same dense mask otherwise."""
+    cache_len = None if layout is None else layout.fused_cache_len
     if cache_len is None:
-        return sdpa_attention(module, query, key, value, attention_mask, scaling)
-    from fast_dvla.kernels import triton_block_causal_attention
+        return sdpa_attention(None, query, key, value, attention_mask, scaling)
+    import fast_dvla.kernels
 
+    kernel = getattr(fast_dvla.kernels, kernel_name)
     lens = torch.full((query.shape[0],), cache_len, dtype=torch.int32, device=query.device)
-    out = triton_block_causal_attention(query, key, value, lens, fast_dvla_layout.block_size, scale=scaling,
-                                        check_lengths=False)  # lengths fit the buffer by construction: no host sync
+    # lengths fit the buffer by construction: skip the check (a host sync per layer)
+    out = kernel(query, key, value, lens, layout.block_size, scale=scaling, check_lengths=False)
     return out.transpose(1, 2).contiguous(), None
+
+
+def triton_attention(module, query, key, value, attention_mask, scaling=None, fast_dvla_layout=None, **kwargs):
+    return _fused("triton_block_causal_attention", query, key, value, attention_mask, scaling, fast_dvla_layout)
 
 
 def flash_attention(module, query, key, value, attention_mask, scaling=None, fast_dvla_layout=None, **kwargs):
-    cache_len = None if fast_dvla_layout is None else fast_dvla_layout.fused_cache_len
-    if cache_len is None:
-        return sdpa_attention(module, query, key, value, attention_mask, scaling)
-    from fast_dvla.kernels import flash_block_causal_attention
-
-    lens = torch.full((query.shape[0],), cache_len, dtype=torch.int32, device=query.device)
-    out = flash_block_causal_attention(query, key, value, lens, fast_dvla_layout.block_size, scale=scaling)
-    return out.transpose(1, 2).contiguous(), None
+    return _fused("flash_block_causal_attention", query, key, value, attention_mask, scaling, fast_dvla_layout)
 
 
 def triton_unavailable() -> str | None:
