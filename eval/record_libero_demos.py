@@ -1,13 +1,21 @@
-"""Record scripted-expert demonstrations on LIBERO into the episodes format.
+"""Record scripted-expert demonstrations on LIBERO-Object into the episodes format.
 
-    python -m fast_dvla.eval.record_libero_demos --suite libero_object --tasks all \\
-        --init-states 0-9 --out data/libero_object_demos --workers 2
+    python -m fast_dvla.eval.record_libero_demos --tasks all --init-states 0-49 \\
+        --out data/libero_object_demos --workers 2
+    python -m fast_dvla.eval.record_libero_demos --tasks all --per-task 10 --no-render \\
+        --out outputs/expert_check            # validate the expert: success only, no images
 
-Resumable: every (task, initial state) pair is attempted once; its outcome is
-kept in ``attempts/`` and successful episodes as ``episode_<task*1000+init>.npz``,
-so a rerun skips what is done. Only successful episodes become
-demonstrations; failures are counted in ``report.json``, never dropped
-silently. ``--no-render`` runs the expert without cameras (fast validation).
+Every (task, initial state) pair is attempted once. Its outcome is written to
+``attempts/task<TT>_init<III>.json`` and, when the expert succeeded (checked
+after the release), its episode to ``episode_<task * 1000 + init>.npz``; a
+rerun skips every pair with an outcome, so an interrupted run resumes where
+it stopped (the simulator is deterministic: a failure would fail again; only
+an attempt cut short by a simulator error is tried again). Failures stay in
+``report.json`` (per task: attempts, successes, mean/min/max steps, retries;
+the failed pairs listed), never dropped silently; ``report.md`` has the same
+table. ``--workers N`` runs N processes (spawn), each with its own simulator
+(a rendering process holds ~2.4 GB). A directory holds one kind of run:
+rendered (a dataset) or ``--no-render`` (success statistics only).
 """
 from __future__ import annotations
 
@@ -20,16 +28,19 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from fast_dvla.data import write_dataset_info, write_episode
+from fast_dvla.data import list_episodes, read_dataset_info, write_dataset_info, write_episode
 
 from .report import markdown_table
 
 CAMERAS = ("agentview", "wrist")
+STATE_DIM, ACTION_DIM, FPS = 8, 7, 20
 
 
 def parse_range(text: str) -> list[int]:
+    """``"0-4,7"`` -> ``[0, 1, 2, 3, 4, 7]``."""
     out = []
     for part in text.split(","):
+        part = part.strip()
         if "-" in part:
             a, b = part.split("-")
             out.extend(range(int(a), int(b) + 1))
@@ -38,121 +49,265 @@ def parse_range(text: str) -> list[int]:
     return out
 
 
+def episode_index(task: int, init: int) -> int:
+    """The episode file's index: derived from the pair, so a resumed run writes the same names."""
+    return task * 1000 + init
+
+
 def attempt_path(out: str, task: int, init: int) -> str:
     return os.path.join(out, "attempts", f"task{task:02d}_init{init:03d}.json")
 
 
-def run_task(args: tuple) -> list[dict]:
-    """One worker: all pending initial states of one task (the env is built once)."""
-    suite, task, inits, out, image_size, render = args
-    os.environ.setdefault("MUJOCO_GL", "egl")
-    import torch
-    torch.set_num_threads(1)
-    from fast_dvla.envs.libero_env import LiberoTaskEnv
-    from fast_dvla.envs.libero_expert import LiberoObjectExpert
+def _write_json(path: str, payload) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp, path)  # atomic: an interrupted run never leaves a half-written record
 
-    env = LiberoTaskEnv(suite, task, image_size=image_size, cameras=CAMERAS, render=render)
-    results = []
-    for init in inits:
-        t0 = time.time()
+
+class Recorder:
+    """Runs the expert on one (task, init) pair at a time, keeping the last task's simulator."""
+
+    def __init__(self, suite: str, out: str, image_size: int, cameras=CAMERAS, max_steps: int | None = None):
+        self.suite, self.out, self.image_size, self.cameras = suite, out, image_size, tuple(cameras)
+        self.render = bool(self.cameras)  # no cameras: the expert alone, no episode written
+        self.max_steps = max_steps
+        self.env, self.expert = None, None
+
+    def _env_for(self, task: int):
+        if self.env is None or self.env.task_id != task:
+            from fast_dvla.envs.libero_env import LiberoTaskEnv
+            from fast_dvla.envs.libero_expert import LiberoObjectExpert
+            self.close()
+            self.env = LiberoTaskEnv(self.suite, task, image_size=self.image_size, cameras=self.cameras,
+                                     render=self.render)
+            self.expert = LiberoObjectExpert(self.env)
+        return self.env
+
+    def record(self, pair: tuple[int, int]) -> dict:
+        """Attempt one pair; its outcome is written to ``attempts/`` (and its episode when successful).
+
+        A simulator error during the episode ends the attempt as a failure with
+        the error in its record (retried by the next run; the simulator is
+        rebuilt) instead of ending the run. An error building the simulator is
+        a setup problem and is raised.
+        """
+        task, init = pair
+        t_build = time.time()
+        env = self._env_for(task)
+        t0 = time.time()  # per-episode time excludes building the simulator (once per task and worker)
+        try:
+            result = self._episode(env, task, init)
+        except Exception as err:  # noqa: BLE001 - recorded, reported, retried next run
+            self.close()
+            result = {"task": task, "init": init, "success": False, "steps": 0, "retries": 0,
+                      "rendered": self.render, "error": f"{type(err).__name__}: {err}"}
+        result.update(seconds=round(time.time() - t0, 3), build_seconds=round(t0 - t_build, 3))
+        _write_json(attempt_path(self.out, task, init), result)  # last: the episode file is complete by now
+        return result
+
+    def _episode(self, env, task: int, init: int) -> dict:
         obs = env.reset(init)
-        expert = LiberoObjectExpert()
-        expert.reset(env)
-        frames = {c: [] for c in CAMERAS}
+        self.expert.reset(obs)
+        frames = {c: [] for c in env.cameras}
         states, actions = [], []
-        for _ in range(env.max_steps):
-            action = expert.act(env.raw_obs)
-            for c in CAMERAS if render else ():
+        first_done = None
+        while not self.expert.done and len(actions) < (self.max_steps or env.max_steps):
+            action = self.expert.act(obs)
+            for c in env.cameras:
                 frames[c].append(obs["images"][c])
             states.append(obs["state"])
             actions.append(action.astype(np.float32))
-            obs, _, _, _ = env.step(action)
-            if expert.done:
-                break
-        success = env.success()  # checked after the release, not at the first `done`
-        result = {"task": task, "init": init, "success": success, "steps": len(actions),
-                  "retries": expert.retries, "seconds": time.time() - t0}
-        if success and render:
-            episode = {f"image_{c}": np.stack(frames[c]) for c in CAMERAS}
+            obs, _, done, _ = env.step(action)
+            if done and first_done is None:
+                first_done = len(actions)
+        success = env.success()  # after the release: `done` can fire while the object is still held
+        if success and self.render:
+            episode = {f"image_{c}": np.stack(frames[c]) for c in env.cameras}
             episode.update(state=np.stack(states), action=np.stack(actions), instruction=env.instruction,
-                           task_id=task, init_state_id=init, suite=suite)
-            write_episode(out, task * 1000 + init, episode)
-        os.makedirs(os.path.join(out, "attempts"), exist_ok=True)
-        with open(attempt_path(out, task, init), "w") as f:
-            json.dump(result, f)
-        results.append(result)
-    env.close()
-    return results
+                           task_id=task, init_state_id=init, suite=self.suite)
+            write_episode(self.out, episode_index(task, init), episode)
+        return {"task": task, "init": init, "success": success, "steps": len(actions),
+                "first_done_step": first_done, "retries": self.expert.retries, "rendered": self.render}
+
+    def close(self) -> None:
+        if self.env is not None:
+            self.env.close()
+        self.env, self.expert = None, None
 
 
-def summarize(out: str) -> dict:
-    attempts = []
+_WORKER: Recorder | None = None
+
+
+def _worker_init(suite, out, image_size, cameras, max_steps):
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    import torch
+    torch.set_num_threads(1)  # one core per worker; the simulator is single-threaded anyway
+    global _WORKER
+    _WORKER = Recorder(suite, out, image_size, cameras, max_steps)
+
+
+def _worker_record(pair):
+    return _WORKER.record(pair)
+
+
+def _finished(out: str, task: int, init: int) -> bool:
+    """An outcome is recorded (an attempt that ended in a simulator error is not one)."""
+    path = attempt_path(out, task, init)
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        return "error" not in json.load(f)
+
+
+def load_attempts(out: str) -> list[dict]:
     folder = os.path.join(out, "attempts")
-    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        with open(os.path.join(folder, name)) as f:
-            attempts.append(json.load(f))
-    per_task = {}
-    for a in attempts:
-        t = per_task.setdefault(a["task"], {"task": a["task"], "attempts": 0, "successes": 0, "steps": []})
-        t["attempts"] += 1
-        t["successes"] += int(a["success"])
-        t["steps"].append(a["steps"])
+    if not os.path.isdir(folder):
+        return []
+    attempts = []
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".json"):
+            with open(os.path.join(folder, name)) as f:
+                attempts.append(json.load(f))
+    return attempts
+
+
+def summarize(attempts: list[dict]) -> dict:
+    """Per-task and total success of the expert over every recorded attempt."""
     rows = []
-    for t in sorted(per_task.values(), key=lambda r: r["task"]):
-        rows.append({"task": t["task"], "attempts": t["attempts"], "successes": t["successes"],
-                     "success_rate": t["successes"] / t["attempts"], "mean_steps": float(np.mean(t["steps"]))})
-    total = sum(r["attempts"] for r in rows)
-    ok = sum(r["successes"] for r in rows)
+    for task in sorted({a["task"] for a in attempts}):
+        mine = [a for a in attempts if a["task"] == task]
+        ok = [a for a in mine if a["success"]]
+        rows.append({"task": task, "attempts": len(mine), "successes": len(ok),
+                     "success_rate": len(ok) / len(mine),
+                     "mean_steps": float(np.mean([a["steps"] for a in mine])),
+                     "mean_steps_success": float(np.mean([a["steps"] for a in ok])) if ok else None,
+                     "min_steps": min(a["steps"] for a in mine), "max_steps": max(a["steps"] for a in mine),
+                     "retries": sum(a.get("retries", 0) for a in mine),
+                     "seconds_per_episode": float(np.mean([a["seconds"] for a in mine]))})
+    total, ok = len(attempts), sum(bool(a["success"]) for a in attempts)
     return {"tasks": rows, "attempts": total, "successes": ok, "success_rate": ok / total if total else None,
-            "seconds_per_episode": float(np.mean([a["seconds"] for a in attempts])) if attempts else None}
+            "mean_steps": float(np.mean([a["steps"] for a in attempts])) if attempts else None,
+            "seconds_per_episode": float(np.mean([a["seconds"] for a in attempts])) if attempts else None,
+            "failures": [{k: a[k] for k in ("task", "init", "steps", "retries", "error") if k in a}
+                         for a in attempts if not a["success"]]}
+
+
+TABLE = [("task", "task", "d"), ("attempts", "attempts", "d"), ("successes", "successes", "d"),
+         ("success_rate", "success", ".0%"), ("mean_steps", "mean steps", ".1f"), ("min_steps", "min", "d"),
+         ("max_steps", "max", "d"), ("retries", "retries", "d"), ("seconds_per_episode", "s/episode", ".1f")]
+
+
+def _check_out_dir(out: str, cameras: tuple, image_size: int, attempts: list[dict]) -> None:
+    """Refuse to mix runs that would make the directory inconsistent."""
+    render = bool(cameras)
+    has_info = os.path.exists(os.path.join(out, "dataset.json"))
+    modes = {a.get("rendered", has_info) for a in attempts}
+    if modes and modes != {render}:
+        raise SystemExit(f"{out} holds attempts recorded {'without' if render else 'with'} rendering; "
+                         f"a resumed run must use the same mode: pick another --out")
+    if render and has_info:
+        info = read_dataset_info(out)
+        if list(info["image_size"]) != [image_size, image_size] or list(info["cameras"]) != list(cameras):
+            raise SystemExit(f"{out} holds {info['image_size']} images of {info['cameras']}; this run asks for "
+                             f"{[image_size, image_size]} of {list(cameras)}: pick another --out")
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", default="libero_object")
-    p.add_argument("--tasks", default="all", help="'all' or a list/range such as 0,3-5")
-    p.add_argument("--init-states", default="0-9", help="initial-state ids per task, e.g. 0-49")
+    p.add_argument("--tasks", default="all", help="'all' or ids such as 0,3-5")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--init-states", default=None, help="initial-state ids per task, e.g. 0-49 (default 0-9)")
+    which.add_argument("--per-task", type=int, default=None, help="the first N initial states of every task")
     p.add_argument("--out", required=True)
     p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--cameras", default=",".join(CAMERAS), help="comma-separated, some of agentview,wrist")
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--no-render", action="store_true", help="expert only, no cameras, no episodes written")
+    p.add_argument("--max-steps", type=int, default=None, help="steps per episode (default: the suite's "
+                   "evaluation horizon, 280 on libero_object)")
+    p.add_argument("--no-render", action="store_true", help="expert only: no cameras, no episodes, success stats")
     args = p.parse_args(argv)
     if args.suite != "libero_object":
         raise SystemExit("the scripted expert covers libero_object (pick an object, place it in the basket)")
-    from fast_dvla.envs.libero_env import num_tasks
+    from fast_dvla.envs.libero_env import get_suite
 
-    tasks = list(range(num_tasks(args.suite))) if args.tasks == "all" else parse_range(args.tasks)
-    inits = parse_range(args.init_states)
-    os.makedirs(args.out, exist_ok=True)
-    if not args.no_render:
-        write_dataset_info(args.out, CAMERAS, [args.image_size] * 2, 8, 7, fps=20,
-                           source=f"scripted expert, {args.suite}")
-    jobs = []
-    for t in tasks:
-        pending = [i for i in inits if not os.path.exists(attempt_path(args.out, t, i))]
-        if pending:
-            jobs.append((args.suite, t, pending, args.out, args.image_size, not args.no_render))
-    todo = sum(len(j[2]) for j in jobs)
-    t0 = time.time()
-    with tqdm(total=todo, desc="expert episodes") as bar:
-        if args.workers > 1 and len(jobs) > 1:
-            with mp.get_context("spawn").Pool(args.workers) as pool:
-                for results in pool.imap_unordered(run_task, jobs):
-                    bar.update(len(results))
-        else:
-            for job in jobs:
-                bar.update(len(run_task(job)))
-    report = summarize(args.out)
-    report.update(suite=args.suite, image_size=args.image_size, rendered=not args.no_render,
-                  wall_s_this_run=time.time() - t0,
-                  demonstrations=len([n for n in os.listdir(args.out) if n.startswith("episode_")]))
-    with open(os.path.join(args.out, "report.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    print(markdown_table(report["tasks"], [("task", "task", "d"), ("attempts", "attempts", "d"),
-                                            ("successes", "successes", "d"), ("success_rate", "success", ".0%"),
-                                            ("mean_steps", "mean steps", ".0f")]))
-    print(f"expert success {report['successes']}/{report['attempts']}; {report['demonstrations']} demonstrations "
-          f"in {args.out}")
+    suite = get_suite(args.suite)
+    tasks = list(range(suite.n_tasks)) if args.tasks == "all" else parse_range(args.tasks)
+    n_init = len(suite.get_task_init_states(0))
+    inits = list(range(args.per_task)) if args.per_task is not None else parse_range(args.init_states or "0-9")
+    bad = [t for t in tasks if not 0 <= t < suite.n_tasks] + [i for i in inits if not 0 <= i < n_init]
+    if bad or not tasks or not inits:
+        raise SystemExit(f"tasks must lie in [0, {suite.n_tasks}) and initial states in [0, {n_init}); "
+                         f"got tasks {tasks}, initial states {inits}")
+    render = not args.no_render
+    cameras = tuple(c for c in args.cameras.split(",") if c) if render else ()
+    unknown = [c for c in cameras if c not in CAMERAS]
+    if unknown or (render and not cameras):
+        raise SystemExit(f"--cameras must be some of {','.join(CAMERAS)}, got {args.cameras!r}")
+    os.makedirs(os.path.join(args.out, "attempts"), exist_ok=True)
+    _check_out_dir(args.out, cameras, args.image_size, load_attempts(args.out))
+    info_extra = {"source": f"scripted expert (fast_dvla.envs.libero_expert), {args.suite}"}
+    if render:
+        write_dataset_info(args.out, cameras, [args.image_size] * 2, STATE_DIM, ACTION_DIM, fps=FPS,
+                           episodes=len(list_episodes(args.out)), **info_extra)
+
+    pending = [(t, i) for t in tasks for i in inits if not _finished(args.out, t, i)]
+    skipped = len(tasks) * len(inits) - len(pending)
+    t0, ok, done = time.time(), 0, 0
+    bar = tqdm(total=len(pending), desc=f"expert episodes ({skipped} done before)", unit="ep")
+    workers = max(1, min(args.workers, len(pending)))
+
+    def tick(result):
+        nonlocal ok, done
+        ok, done = ok + int(result["success"]), done + 1
+        bar.set_postfix(success=f"{ok}/{done} ({ok / done:.0%})", task=result["task"], refresh=False)
+        bar.update(1)
+
+    if workers > 1:
+        ctx = mp.get_context("spawn")  # each worker its own simulator and GL context
+        pool = ctx.Pool(workers, initializer=_worker_init, initargs=(args.suite, args.out, args.image_size, cameras,
+                                                                      args.max_steps))
+        try:
+            for result in pool.imap_unordered(_worker_record, pending):
+                tick(result)
+            pool.close()
+        except BaseException:
+            pool.terminate()
+            raise
+        finally:
+            pool.join()
+    else:
+        recorder = Recorder(args.suite, args.out, args.image_size, cameras, args.max_steps)
+        try:
+            for pair in pending:
+                tick(recorder.record(pair))
+        finally:
+            recorder.close()
+    bar.close()
+
+    report_path = os.path.join(args.out, "report.json")
+    earlier_wall = 0.0
+    if os.path.exists(report_path):  # a resumed run adds to the earlier runs' wall time
+        with open(report_path) as f:
+            earlier_wall = json.load(f).get("wall_s_total", 0.0)
+    wall = time.time() - t0
+    report = summarize(load_attempts(args.out))
+    report.update(suite=args.suite, rendered=render, cameras=list(cameras),
+                  image_size=args.image_size if render else None, workers=workers,
+                  attempted_this_run=len(pending), skipped_this_run=skipped,
+                  wall_s_this_run=round(wall, 1), wall_s_total=round(earlier_wall + wall, 1))
+    if render:
+        report["demonstrations"] = len(list_episodes(args.out))
+        write_dataset_info(args.out, cameras, [args.image_size] * 2, STATE_DIM, ACTION_DIM, fps=FPS,
+                           episodes=report["demonstrations"], **info_extra)
+    _write_json(report_path, report)
+    table = markdown_table(report["tasks"], TABLE)
+    with open(os.path.join(args.out, "report.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+    print(f"expert success {report['successes']}/{report['attempts']}"
+          + (f"; {report['demonstrations']} demonstrations in {args.out}" if render else " (no rendering)"))
     return report
 
 

