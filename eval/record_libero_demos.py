@@ -16,6 +16,15 @@ the failed pairs listed), never dropped silently; ``report.md`` has the same
 table. ``--workers N`` runs N processes (spawn), each with its own simulator
 (a rendering process holds ~2.4 GB). A directory holds one kind of run:
 rendered (a dataset) or ``--no-render`` (success statistics only).
+
+``--action-noise SIGMA`` (DART-style noise injection): the simulator executes
+the expert's position command plus Gaussian noise of that standard deviation
+(action units; 0.1 is ~1.2 mm per step), while the episode stores the
+expert's clean action. The demonstrations then visit states slightly off the
+expert's path, labelled with how the expert recovers from them: a cloned
+policy whose own small errors compound over an open-loop chunk meets such
+states. The noise is seeded by the (task, init) pair, so a resumed run draws
+the same noise.
 """
 from __future__ import annotations
 
@@ -68,8 +77,10 @@ def _write_json(path: str, payload) -> None:
 class Recorder:
     """Runs the expert on one (task, init) pair at a time, keeping the last task's simulator."""
 
-    def __init__(self, suite: str, out: str, image_size: int, cameras=CAMERAS, max_steps: int | None = None):
+    def __init__(self, suite: str, out: str, image_size: int, cameras=CAMERAS, max_steps: int | None = None,
+                 action_noise: float = 0.0):
         self.suite, self.out, self.image_size, self.cameras = suite, out, image_size, tuple(cameras)
+        self.action_noise = float(action_noise)
         self.render = bool(self.cameras)  # no cameras: the expert alone, no episode written
         self.max_steps = max_steps
         self.env, self.expert = None, None
@@ -112,13 +123,17 @@ class Recorder:
         frames = {c: [] for c in env.cameras}
         states, actions = [], []
         first_done = None
+        noise = np.random.default_rng(episode_index(task, init))  # the same noise when a run resumes
         while not self.expert.done and len(actions) < (self.max_steps or env.max_steps):
             action = self.expert.act(obs)
             for c in env.cameras:
                 frames[c].append(obs["images"][c])
             states.append(obs["state"])
-            actions.append(action.astype(np.float32))
-            obs, _, done, _ = env.step(action)
+            actions.append(action.astype(np.float32))  # the label is the expert's clean action
+            executed = action.copy()
+            if self.action_noise > 0:
+                executed[:3] += noise.normal(0.0, self.action_noise, 3)
+            obs, _, done, _ = env.step(executed)
             if done and first_done is None:
                 first_done = len(actions)
         success = env.success()  # after the release: `done` can fire while the object is still held
@@ -128,7 +143,8 @@ class Recorder:
                            task_id=task, init_state_id=init, suite=self.suite)
             write_episode(self.out, episode_index(task, init), episode)
         return {"task": task, "init": init, "success": success, "steps": len(actions),
-                "first_done_step": first_done, "retries": self.expert.retries, "rendered": self.render}
+                "first_done_step": first_done, "retries": self.expert.retries, "rendered": self.render,
+                "action_noise": self.action_noise}
 
     def close(self) -> None:
         if self.env is not None:
@@ -139,12 +155,12 @@ class Recorder:
 _WORKER: Recorder | None = None
 
 
-def _worker_init(suite, out, image_size, cameras, max_steps):
+def _worker_init(suite, out, image_size, cameras, max_steps, action_noise):
     os.environ.setdefault("MUJOCO_GL", "egl")
     import torch
     torch.set_num_threads(1)  # one core per worker; the simulator is single-threaded anyway
     global _WORKER
-    _WORKER = Recorder(suite, out, image_size, cameras, max_steps)
+    _WORKER = Recorder(suite, out, image_size, cameras, max_steps, action_noise)
 
 
 def _worker_record(pair):
@@ -198,9 +214,13 @@ TABLE = [("task", "task", "d"), ("attempts", "attempts", "d"), ("successes", "su
          ("max_steps", "max", "d"), ("retries", "retries", "d"), ("seconds_per_episode", "s/episode", ".1f")]
 
 
-def _check_out_dir(out: str, cameras: tuple, image_size: int, attempts: list[dict]) -> None:
+def _check_out_dir(out: str, cameras: tuple, image_size: int, attempts: list[dict], action_noise: float) -> None:
     """Refuse to mix runs that would make the directory inconsistent."""
     render = bool(cameras)
+    noises = {a.get("action_noise", 0.0) for a in attempts}
+    if noises and noises != {action_noise}:
+        raise SystemExit(f"{out} holds attempts recorded with --action-noise {sorted(noises)}; a resumed run "
+                         f"must use the same noise: pick another --out")
     has_info = os.path.exists(os.path.join(out, "dataset.json"))
     modes = {a.get("rendered", has_info) for a in attempts}
     if modes and modes != {render}:
@@ -227,7 +247,11 @@ def main(argv=None) -> dict:
     p.add_argument("--max-steps", type=int, default=None, help="steps per episode (default: the suite's "
                    "evaluation horizon, 280 on libero_object)")
     p.add_argument("--no-render", action="store_true", help="expert only: no cameras, no episodes, success stats")
+    p.add_argument("--action-noise", type=float, default=0.0, help="std of Gaussian noise added to the executed "
+                   "position command (DART-style; the stored label stays the expert's clean action)")
     args = p.parse_args(argv)
+    if not (0.0 <= args.action_noise <= 1.0):
+        raise SystemExit(f"--action-noise must lie in [0, 1] (action units), got {args.action_noise}")
     if args.suite != "libero_object":
         raise SystemExit("the scripted expert covers libero_object (pick an object, place it in the basket)")
     from fast_dvla.envs.libero_env import get_suite
@@ -246,8 +270,9 @@ def main(argv=None) -> dict:
     if unknown or (render and not cameras):
         raise SystemExit(f"--cameras must be some of {','.join(CAMERAS)}, got {args.cameras!r}")
     os.makedirs(os.path.join(args.out, "attempts"), exist_ok=True)
-    _check_out_dir(args.out, cameras, args.image_size, load_attempts(args.out))
-    info_extra = {"source": f"scripted expert (fast_dvla.envs.libero_expert), {args.suite}"}
+    _check_out_dir(args.out, cameras, args.image_size, load_attempts(args.out), args.action_noise)
+    info_extra = {"source": f"scripted expert (fast_dvla.envs.libero_expert), {args.suite}",
+                  "action_noise": args.action_noise}
     if render:
         write_dataset_info(args.out, cameras, [args.image_size] * 2, STATE_DIM, ACTION_DIM, fps=FPS,
                            episodes=len(list_episodes(args.out)), **info_extra)
@@ -267,7 +292,7 @@ def main(argv=None) -> dict:
     if workers > 1:
         ctx = mp.get_context("spawn")  # each worker its own simulator and GL context
         pool = ctx.Pool(workers, initializer=_worker_init, initargs=(args.suite, args.out, args.image_size, cameras,
-                                                                      args.max_steps))
+                                                                      args.max_steps, args.action_noise))
         try:
             for result in pool.imap_unordered(_worker_record, pending):
                 tick(result)
@@ -278,7 +303,7 @@ def main(argv=None) -> dict:
         finally:
             pool.join()
     else:
-        recorder = Recorder(args.suite, args.out, args.image_size, cameras, args.max_steps)
+        recorder = Recorder(args.suite, args.out, args.image_size, cameras, args.max_steps, args.action_noise)
         try:
             for pair in pending:
                 tick(recorder.record(pair))

@@ -134,6 +134,42 @@ def test_expert_completes_an_episode_and_soft_reset_is_exact(blind_env):
     assert np.array_equal(fresh, again)
 
 
+def test_expert_holds_orientation_without_rotation_noise(blind_env):
+    """Drifts under the deadband get no rotation command: the rotation tokens stay predictable."""
+    _, actions, _ = _expert_rollout(blind_env, 0, blind_env.max_steps)
+    assert (actions[:, 3:6] == 0).all(1).mean() > 0.9
+
+
+def _recorded_run(env, action_noise, max_steps=25):
+    """(labels, executed actions) of one recorder attempt on ``env`` (task 1, init 0)."""
+    from fast_dvla.envs.libero_expert import LiberoObjectExpert
+    from fast_dvla.eval.record_libero_demos import Recorder
+
+    recorder = Recorder("libero_object", "unused", 32, cameras=(), max_steps=max_steps, action_noise=action_noise)
+    recorder.env, recorder.expert = env, LiberoObjectExpert(env)
+    labels, executed = [], []
+    act, step = recorder.expert.act, env.step
+    recorder.expert.act = lambda obs: labels.append(act(obs)) or labels[-1]
+    env.step = lambda a: executed.append(np.array(a)) or step(a)
+    try:
+        recorder._episode(env, 1, 0)
+    finally:
+        del env.step  # the instance attribute; the class's method is back
+    return np.array(labels), np.array(executed)
+
+
+def test_recorder_action_noise_perturbs_execution_not_labels(blind_env):
+    labels, executed = _recorded_run(blind_env, 0.1)
+    assert len(labels) == len(executed) == 25
+    diff = executed - labels
+    assert np.all(diff[:, 3:] == 0) and np.abs(diff[:, :3]).mean() > 0.03  # position only, ~0.08 on average
+    labels2, executed2 = _recorded_run(blind_env, 0.1)
+    assert np.array_equal(executed, executed2) and np.array_equal(labels, labels2)  # seeded by (task, init)
+    clean_labels, clean_executed = _recorded_run(blind_env, 0.0)
+    assert np.array_equal(clean_labels, clean_executed)
+    assert not np.allclose(clean_labels, labels)  # the noisy run visited other states, so other labels
+
+
 def test_expert_notices_a_missed_grasp_and_retries(blind_env):
     expert, actions, _ = _expert_rollout(blind_env, 0, blind_env.max_steps, miss_by=0.08)
     assert expert.retries == 1 and expert.done and blind_env.success()
@@ -165,6 +201,8 @@ def test_recorder_writes_a_resumable_dataset(tmp_path):
         main(args + ["--no-render"])
     with pytest.raises(SystemExit, match="pick another --out"):
         main(["--tasks", "6", "--init-states", "1", "--out", out, "--image-size", "32"])  # both cameras
+    with pytest.raises(SystemExit, match="same noise"):  # clean and noisy demonstrations never mix silently
+        main(args[:3] + ["1"] + args[4:] + ["--action-noise", "0.1"])
 
 
 def test_recorder_counts_failures(tmp_path):

@@ -35,6 +35,7 @@ def test_noise_masks_follow_their_ratios():
     assert torch.allclose(weight.view(4000, 8, 7)[..., 0:1].expand(-1, -1, 7), weight.view(4000, 8, 7))
     tmask, tweight = teacher_noise(2000, 56, g)
     assert tmask.any(1).all() and (tweight >= 1).all()
+    assert tweight.max() <= 56 and tweight.max() > 50  # 1/t, capped at L for t < 1/L
     assert 0.4 < tmask.float().mean() < 0.6  # E[t] = 1/2
 
 

@@ -24,6 +24,11 @@ import numpy as np
 
 POS_GAIN = 40.0          # action units per metre of error (a sustained +1 moves ~1.2 cm/step)
 ROT_GAIN = 2.0           # per radian of orientation error (rotation scale 0.5 rad per unit)
+# Orientation drifts of under ~3 degrees are left alone (zero rotation command; OSC holds the
+# current orientation). A proportional correction of every small drift makes the rotation
+# actions continuous noise of +-0.05 that quantile normalisation stretches over all 256 bins:
+# unpredictable tokens that a policy cannot be confident about, for no gain in the task.
+ROT_DEADBAND = 0.05      # radians
 TOL = 0.008              # metres: a waypoint is reached
 STALL_STEPS = 6          # a descent that stops moving for this long has met something
 CLOSE_STEPS = 12         # the Panda gripper needs ~10 steps to close
@@ -166,7 +171,9 @@ class LiberoObjectExpert:
         eef = raw["robot0_eef_pos"]
         action = np.zeros(7)
         action[:3] = np.clip((np.asarray(target) - eef) * POS_GAIN, -1, 1)
-        action[3:6] = np.clip(orientation_error(self.quat0, raw["robot0_eef_quat"]) * ROT_GAIN, -1, 1)
+        rot_err = orientation_error(self.quat0, raw["robot0_eef_quat"])
+        if np.linalg.norm(rot_err) > ROT_DEADBAND:
+            action[3:6] = np.clip(rot_err * ROT_GAIN, -1, 1)
         action[6] = gripper
         return action
 

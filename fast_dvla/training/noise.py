@@ -7,12 +7,17 @@ import torch
 def teacher_noise(batch: int, length: int, generator: torch.Generator, device="cpu"):
     """Masked diffusion: ``t ~ U(0, 1)`` per sample, each token masked with
     probability ``t``. Returns ``(mask [B, L] bool, weight [B, L] = 1/t)``;
-    every sample hides at least one token (else it would teach nothing)."""
-    t = torch.rand(batch, 1, generator=generator).clamp_min(1e-3)
+    every sample hides at least one token (else it would teach nothing).
+    (ours) The weight is capped at ``L`` (``t`` floored at ``1/L``): below that
+    rate a sample hides about one token anyway (the forced one), and an
+    uncapped ``1/t`` (up to 1000) put as much loss on that one token as the
+    rest of the batch carries, a spike of gradient noise every few steps."""
+    t = torch.rand(batch, 1, generator=generator)
     mask = torch.rand(batch, length, generator=generator) < t
     forced = torch.randint(length, (batch,), generator=generator)
     mask[torch.arange(batch), forced] |= ~mask.any(1)
-    return mask.to(device), (1.0 / t).expand(batch, length).to(device)
+    weight = 1.0 / t.clamp_min(1.0 / length)
+    return mask.to(device), weight.expand(batch, length).to(device)
 
 
 def forcing_ratios(batch: int, num_blocks: int, generator: torch.Generator) -> torch.Tensor:
