@@ -149,6 +149,19 @@ def table_rows(result: dict) -> list[dict]:
     return rows
 
 
+def per_task_rows(result: dict) -> list[dict]:
+    """Success per task, one column per decoder (over that task's episodes)."""
+    tasks = sorted({e["task"] for eps in result["episodes"].values() for e in eps})
+    rows = []
+    for task in tasks:
+        row = {"task": task}
+        for m, eps in result["episodes"].items():
+            mine = [e["success"] for e in eps if e["task"] == task]
+            row[m] = f"{sum(mine)}/{len(mine)}" if mine else None
+        rows.append(row)
+    return rows
+
+
 COLUMNS = [("method", "decoder", "s"), ("episodes", "episodes", "d"), ("success", "success", ".0%"),
            ("agreement", "tokens = teacher", ".0%")] + SPEED_COLUMNS[1:]
 
@@ -180,6 +193,10 @@ def report(result: dict, out: str) -> None:
               f"{result['torch_threads']} torch threads)\n\nspeed measured on {result.get('timing_observations', 0)} "
               f"observations from the run; success over each decoder's closed-loop episodes")
     table = markdown_table(rows, COLUMNS)
+    if len({e["task"] for eps in result["episodes"].values() for e in eps}) > 1:
+        per_task = markdown_table(per_task_rows(result), [("task", "task", "d")]
+                                  + [(m, m, "s") for m in result["episodes"]])
+        table += "\n\nsuccess per task:\n\n" + per_task
     print(header + "\n\n" + table)
     write_json(out + ".json", result)
     with open(out + ".md", "w") as f:
@@ -194,7 +211,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--student", help="student policy directory (default: the shipped reference)")
     p.add_argument("--suite", default="libero_object")
     p.add_argument("--tasks", default="0,5", help="'all' or ids like 0-9")
-    p.add_argument("--init-states", default="0", help="official initial-state ids, e.g. 0-49")
+    p.add_argument("--init-states", default="15", help="official initial-state ids, e.g. 15-49 (the shipped "
+                   "reference was trained on demonstrations from 0-14: 15 on are held out)")
     p.add_argument("--decoders", default=",".join(METHODS))
     p.add_argument("--max-steps", type=int, default=None, help="default: the suite's usual limit")
     p.add_argument("--timing-obs", type=int, default=24, help="observations kept for the throughput phase")

@@ -26,3 +26,5 @@ def test_merge_keeps_every_episode_and_one_speed_measurement(tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["episodes"]["fast_dvla"][0]["success"]
     table = (tmp_path / "r.md").read_text()
     assert "| fast_dvla | 4 | 75% | 90% |" in table
+    # per task: shard 1 is task 1 (1 of 2 succeeded), shard 0 task 0 (2 of 2)
+    assert "| task | vanilla | fast_dvla |" in table and "| 0 | 2/2 | 2/2 |" in table and "| 1 | 1/2 | 1/2 |" in table
