@@ -193,10 +193,10 @@ def report(result: dict, out: str) -> None:
               f"{result['torch_threads']} torch threads)\n\nspeed measured on {result.get('timing_observations', 0)} "
               f"observations from the run; success over each decoder's closed-loop episodes")
     table = markdown_table(rows, COLUMNS)
-    if len({e["task"] for eps in result["episodes"].values() for e in eps}) > 1:
-        per_task = markdown_table(per_task_rows(result), [("task", "task", "d")]
-                                  + [(m, m, "s") for m in result["episodes"]])
-        table += "\n\nsuccess per task:\n\n" + per_task
+    per_task = per_task_rows(result)
+    if len(per_task) > 1:
+        columns = [("task", "task", "d")] + [(m, m, "s") for m in result["episodes"]]
+        table += "\n\nsuccess per task:\n\n" + markdown_table(per_task, columns)
     print(header + "\n\n" + table)
     write_json(out + ".json", result)
     with open(out + ".md", "w") as f:
