@@ -12,6 +12,7 @@ SUBCOMMANDS = {
     "train-teacher": ("fast_dvla.training.commands:TeacherCommand", "masked-diffusion training of the teacher"),
     "distill": ("fast_dvla.training.commands:DistillCommand", "distil the teacher into a block-causal student"),
     "bench": ("fast_dvla.eval.bench_libero", "closed-loop benchmark of every decoder (bench libero)"),
+    "fidelity": ("fast_dvla.eval.fidelity", "open-loop fidelity of a policy on recorded demonstrations"),
     "export": ("fast_dvla.export", "copy a policy directory, weights in half precision"),
     "convergence": ("fast_dvla.eval.convergence", "student convergence: distillation vs block diffusion vs scratch"),
 }

@@ -94,6 +94,23 @@ def test_teacher_learns_the_synthetic_task(teacher):
     assert accuracy(loaded.model, trainer.dataset, "vanilla") == acc
 
 
+def test_fidelity_scores_the_trained_teacher_above_an_untrained_one(teacher, synthetic):
+    from fast_dvla.eval import fidelity
+    trainer, path = teacher
+    exported = fidelity.load_policy(path)
+    from_run = fidelity.load_policy(trainer.config.out)  # the run directory: its checkpoint, exported in memory
+    frames = fidelity.sample_frames(synthetic, 30, exported.model.config.horizon, seed=0)
+    assert len(frames) == 30 and frames[0][1].shape == (4, 7)
+    trained = fidelity.measure(exported, frames, "vanilla", progress=False)
+    assert fidelity.measure(from_run, frames, "vanilla", progress=False) == trained
+    untrained = Trainer(TrainConfig(stage="teacher", data=synthetic, out=str(trainer.config.out) + "_untrained",
+                                    model=dict(TINY), steps=1), progress=False).policy()
+    baseline = fidelity.measure(untrained, frames, "vanilla", progress=False)
+    assert trained["token_accuracy"] > 0.4 > baseline["token_accuracy"] + 0.2, (trained, baseline)
+    assert "| vanilla | 30 |" in fidelity.to_markdown({"policy": path, "data": synthetic, "frames": 30, "seed": 0,
+                                                       "rows": [trained]})
+
+
 @pytest.mark.parametrize("student", ["lora", "full"])
 def test_distilled_student_matches_teacher(teacher, synthetic, tmp_path, student):
     t_trainer, t_path = teacher

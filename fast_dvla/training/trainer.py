@@ -215,24 +215,39 @@ class Trainer:
             plot_curves({self.config.stage: self.history}, "loss", os.path.join(self.config.out, "loss.png"),
                         title=f"{self.config.stage} training loss")
 
+    @property
+    def is_lora(self) -> bool:
+        return self.config.stage == "distill" and self.config.student == "lora"
+
+    def policy(self) -> FastDVLAPolicy:
+        """The model as it stands, as a policy (a copy; a LoRA adapter merged in)."""
+        model = self.model
+        if self.is_lora:
+            model = ReferenceDVLA(copy.deepcopy(self.model.config))
+            model.load_state_dict(merged_state_dict(self.model))
+        method = "vanilla" if self.config.stage == "teacher" else "fast_dvla"
+        return FastDVLAPolicy(copy.deepcopy(model).eval(), self.dataset.action_tokenizer, self.dataset.state_norm,
+                              DecodeConfig(method=method))
+
     def export(self, path: str | None = None) -> str:
         """Write a FastDVLAPolicy directory (the LoRA adapter merged in; also saved on its own)."""
         path = path or os.path.join(self.config.out, "policy")
         if not self.dist.is_main:
             return path
-        cfg = self.config
-        lora = cfg.stage == "distill" and cfg.student == "lora"
-        model = self.model
-        if lora:
-            plain = ReferenceDVLA(copy.deepcopy(model.config))
-            plain.load_state_dict(merged_state_dict(model))
-            model = plain
-        tokenizer = self.dataset.action_tokenizer
-        method = "vanilla" if cfg.stage == "teacher" else "fast_dvla"
-        policy = FastDVLAPolicy(copy.deepcopy(model).eval(), tokenizer, self.dataset.state_norm,
-                                DecodeConfig(method=method))
-        policy.save_pretrained(path)
-        if lora:
+        self.policy().save_pretrained(path)
+        if self.is_lora:
             from safetensors.torch import save_file
             save_file(adapter_state_dict(self.model), os.path.join(path, "adapter.safetensors"))
         return path
+
+
+def policy_from_run(run_dir: str) -> FastDVLAPolicy:
+    """The policy of a training run's latest checkpoint (a run still in progress, say), built
+    as the run itself would export it: same config, same data statistics."""
+    path = os.path.join(run_dir, CHECKPOINT)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {CHECKPOINT} in {run_dir!r}: not a training run directory")
+    config = TrainConfig.from_dict(torch.load(path, weights_only=False, map_location="cpu")["config"])
+    trainer = Trainer(config, progress=False)
+    trainer.resume()
+    return trainer.policy()
