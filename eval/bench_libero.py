@@ -221,6 +221,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tau-add", type=float, default=0.5)
     p.add_argument("--tau-act", type=float, default=0.7)
     p.add_argument("--vanilla-steps", type=int, default=12)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own, one per core)")
     p.add_argument("--shard", default=None, help="i/n: run every n-th episode from the i-th (default: torchrun rank)")
     p.add_argument("--merge", nargs="+", help="merge shard JSON files instead of running")
     p.add_argument("--out", default="outputs/bench_libero", help="path stem for .json, .md and .png")
@@ -237,6 +238,10 @@ def main(args) -> None:
                 results.append(json.load(fh))
         report(merge(results), args.out)
         return
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
     if args.shard is None:
         args.shard = f"{os.environ.get('RANK', '0')}/{os.environ.get('WORLD_SIZE', '1')}"
     result = run(args)
