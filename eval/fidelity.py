@@ -9,7 +9,7 @@ of a second per frame, so it is the first thing to look at while a model
 trains: a policy that does not reproduce its own training frames will not
 succeed in closed loop (the converse does not hold: small errors compound).
 Per dimension: exact-token accuracy, mean absolute error in action units
-([-1, 1]) and, for the gripper, the share of steps whose sign is wrong.
+([-1, 1]) and, for the tokenizer's gripper dimensions, the share of steps whose sign is wrong.
 ``--policy`` is a policy directory or a training run directory (its latest
 checkpoint, exported in memory as the run would export it).
 """
@@ -26,8 +26,6 @@ from fast_dvla.config import METHODS
 from fast_dvla.data import list_episodes, read_dataset_info, read_episode
 
 from .report import markdown_table, write_json
-
-GRIPPER_DIM = 6
 
 
 def load_policy(path: str) -> FastDVLAPolicy:
@@ -66,12 +64,13 @@ def measure(policy: FastDVLAPolicy, frames, method: str, progress: bool = True) 
         pred = policy.predict_action_chunk(obs, config)
         hits.append(tok.encode(pred) == tok.encode(demo))
         errors.append(np.abs(pred - demo))
-        grip_wrong.append(np.sign(pred[:, GRIPPER_DIM]) != np.sign(demo[:, GRIPPER_DIM]))
+        grip = list(tok.gripper_dims)
+        grip_wrong.append(np.sign(pred[:, grip]) != np.sign(demo[:, grip]))
     hits, errors = np.concatenate(hits), np.concatenate(errors)
     return {"method": method, "frames": len(frames), "token_accuracy": float(hits.mean()),
             "token_accuracy_per_dim": hits.mean(0).round(4).tolist(),
             "mae_per_dim": errors.mean(0).round(4).tolist(), "position_mae": float(errors[:, :3].mean()),
-            "gripper_wrong": float(np.mean(grip_wrong))}
+            "gripper_wrong": float(np.mean(grip_wrong)) if tok.gripper_dims else None}
 
 
 COLUMNS = [("method", "decoder", "s"), ("frames", "frames", "d"), ("token_accuracy", "token acc", ".3f"),

@@ -26,7 +26,7 @@ import numpy as np
 # at 40 the OSC's lag made the hand overshoot every waypoint by centimetres and correct
 # back (12-16 sign flips of the command per episode), a bang-bang pattern of +-1 labels
 # that a cloned policy could not fit from its observations; at 10 the command decays
-# smoothly onto each waypoint (1-4 flips, episodes ~165 instead of ~125 steps).
+# smoothly onto each waypoint (1-4 flips; recorded episodes 155-207 steps instead of ~110-160).
 POS_GAIN = 10.0
 ROT_GAIN = 2.0           # per radian of orientation error (rotation scale 0.5 rad per unit)
 # Orientation drifts of under ~3 degrees are left alone (zero rotation command; OSC holds the

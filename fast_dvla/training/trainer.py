@@ -221,12 +221,13 @@ class Trainer:
 
     def policy(self) -> FastDVLAPolicy:
         """The model as it stands, as a policy (a copy; a LoRA adapter merged in)."""
-        model = self.model
         if self.is_lora:
             model = ReferenceDVLA(copy.deepcopy(self.model.config))
             model.load_state_dict(merged_state_dict(self.model))
+        else:
+            model = copy.deepcopy(self.model)
         method = "vanilla" if self.config.stage == "teacher" else "fast_dvla"
-        return FastDVLAPolicy(copy.deepcopy(model).eval(), self.dataset.action_tokenizer, self.dataset.state_norm,
+        return FastDVLAPolicy(model.eval(), self.dataset.action_tokenizer, self.dataset.state_norm,
                               DecodeConfig(method=method))
 
     def export(self, path: str | None = None) -> str:
