@@ -25,6 +25,17 @@ expert's path, labelled with how the expert recovers from them: a cloned
 policy whose own small errors compound over an open-loop chunk meets such
 states. The noise is seeded by the (task, init) pair, so a resumed run draws
 the same noise.
+
+``--policy P --expert-prob BETA`` (DAgger-style relabelling): a trained
+policy (a policy directory or a training run) drives the robot, the expert
+only labels. Each chunk of the policy's ``n_action_steps`` is executed by the
+expert instead with probability BETA (seeded per pair), which keeps episodes
+moving towards later phases; every step stores the expert's action for the
+state the robot is actually in, so the data covers the states a cloned
+policy drifts into and says how to recover from them. Every episode is kept,
+successful or not (its labels are valid either way); it ends at success, when
+the expert gives up, or at the step limit. Train on it together with the
+demonstrations (``data: [demos, relabelled]`` in the training config).
 """
 from __future__ import annotations
 
@@ -78,9 +89,14 @@ class Recorder:
     """Runs the expert on one (task, init) pair at a time, keeping the last task's simulator."""
 
     def __init__(self, suite: str, out: str, image_size: int, cameras=CAMERAS, max_steps: int | None = None,
-                 action_noise: float = 0.0):
+                 action_noise: float = 0.0, policy: str | None = None, expert_prob: float = 0.0):
         self.suite, self.out, self.image_size, self.cameras = suite, out, image_size, tuple(cameras)
         self.action_noise = float(action_noise)
+        self.policy_path, self.expert_prob = policy, float(expert_prob)
+        self.policy = None
+        if policy:
+            from .fidelity import load_policy
+            self.policy = load_policy(policy)
         self.render = bool(self.cameras)  # no cameras: the expert alone, no episode written
         self.max_steps = max_steps
         self.env, self.expert = None, None
@@ -124,27 +140,43 @@ class Recorder:
         states, actions = [], []
         first_done = None
         noise = np.random.default_rng(episode_index(task, init))  # the same noise when a run resumes
+        driver, expert_steps = "expert", 0
+        if self.policy is not None:
+            self.policy.reset()
+            chunk = self.policy.n_action_steps
         while not self.expert.done and len(actions) < (self.max_steps or env.max_steps):
             action = self.expert.act(obs)
             for c in env.cameras:
                 frames[c].append(obs["images"][c])
             states.append(obs["state"])
             actions.append(action.astype(np.float32))  # the label is the expert's clean action
-            executed = action.copy()
-            if self.action_noise > 0:
-                executed[:3] += noise.normal(0.0, self.action_noise, 3)
+            if self.policy is not None and (len(actions) - 1) % chunk == 0:  # who drives the next chunk
+                driver = "expert" if noise.random() < self.expert_prob else "policy"
+                self.policy.reset()  # a policy taking over plans from the current state
+            if driver == "policy":
+                executed = self.policy.select_action(obs).astype(np.float64)
+            else:
+                executed, expert_steps = action.copy(), expert_steps + 1
+                if self.action_noise > 0:
+                    executed[:3] += noise.normal(0.0, self.action_noise, 3)
             obs, _, done, _ = env.step(executed)
             if done and first_done is None:
                 first_done = len(actions)
+            if done and self.policy is not None:
+                break  # relabelling: the policy got there; what follows is the expert's business
         success = env.success()  # after the release: `done` can fire while the object is still held
-        if success and self.render:
+        if (success or self.policy is not None) and self.render:
             episode = {f"image_{c}": np.stack(frames[c]) for c in env.cameras}
             episode.update(state=np.stack(states), action=np.stack(actions), instruction=env.instruction,
                            task_id=task, init_state_id=init, suite=self.suite)
             write_episode(self.out, episode_index(task, init), episode)
-        return {"task": task, "init": init, "success": success, "steps": len(actions),
-                "first_done_step": first_done, "retries": self.expert.retries, "rendered": self.render,
-                "action_noise": self.action_noise}
+        result = {"task": task, "init": init, "success": success, "steps": len(actions),
+                  "first_done_step": first_done, "retries": self.expert.retries, "rendered": self.render,
+                  "action_noise": self.action_noise}
+        if self.policy is not None:
+            result.update(policy=self.policy_path, expert_prob=self.expert_prob,
+                          expert_steps=expert_steps)
+        return result
 
     def close(self) -> None:
         if self.env is not None:
@@ -155,12 +187,12 @@ class Recorder:
 _WORKER: Recorder | None = None
 
 
-def _worker_init(suite, out, image_size, cameras, max_steps, action_noise):
+def _worker_init(suite, out, image_size, cameras, max_steps, action_noise, policy=None, expert_prob=0.0):
     os.environ.setdefault("MUJOCO_GL", "egl")
     import torch
     torch.set_num_threads(1)  # one core per worker; the simulator is single-threaded anyway
     global _WORKER
-    _WORKER = Recorder(suite, out, image_size, cameras, max_steps, action_noise)
+    _WORKER = Recorder(suite, out, image_size, cameras, max_steps, action_noise, policy, expert_prob)
 
 
 def _worker_record(pair):
@@ -214,9 +246,14 @@ TABLE = [("task", "task", "d"), ("attempts", "attempts", "d"), ("successes", "su
          ("max_steps", "max", "d"), ("retries", "retries", "d"), ("seconds_per_episode", "s/episode", ".1f")]
 
 
-def _check_out_dir(out: str, cameras: tuple, image_size: int, attempts: list[dict], action_noise: float) -> None:
+def _check_out_dir(out: str, cameras: tuple, image_size: int, attempts: list[dict], action_noise: float,
+                   policy: str | None = None, expert_prob: float = 0.0) -> None:
     """Refuse to mix runs that would make the directory inconsistent."""
     render = bool(cameras)
+    drivers = {(a.get("policy"), a.get("expert_prob", 0.0)) for a in attempts}
+    if drivers and drivers != {(policy, expert_prob if policy else 0.0)}:
+        raise SystemExit(f"{out} holds attempts driven by {sorted(drivers, key=str)} (policy, expert prob); a resumed "
+                         f"run must use the same --policy and --expert-prob: pick another --out")
     noises = {a.get("action_noise", 0.0) for a in attempts}
     if noises and noises != {action_noise}:
         raise SystemExit(f"{out} holds attempts recorded with --action-noise {sorted(noises)}; a resumed run "
@@ -249,7 +286,17 @@ def main(argv=None) -> dict:
     p.add_argument("--no-render", action="store_true", help="expert only: no cameras, no episodes, success stats")
     p.add_argument("--action-noise", type=float, default=0.0, help="std of Gaussian noise added to the executed "
                    "position command (DART-style; the stored label stays the expert's clean action)")
+    p.add_argument("--policy", default=None, help="DAgger-style relabelling: this policy (a policy directory or a "
+                   "training run) drives, the expert labels every step; every episode is kept")
+    p.add_argument("--expert-prob", type=float, default=0.0, help="with --policy: probability that the expert "
+                   "executes a chunk instead of the policy")
     args = p.parse_args(argv)
+    if not (0.0 <= args.expert_prob <= 1.0):
+        raise SystemExit(f"--expert-prob must lie in [0, 1], got {args.expert_prob}")
+    if args.policy and args.no_render:
+        raise SystemExit("--policy needs rendering: the policy sees the cameras")
+    if args.expert_prob and not args.policy:
+        raise SystemExit("--expert-prob applies with --policy (the expert drives alone otherwise)")
     if not (0.0 <= args.action_noise <= 1.0):
         raise SystemExit(f"--action-noise must lie in [0, 1] (action units), got {args.action_noise}")
     if args.suite != "libero_object":
@@ -270,9 +317,13 @@ def main(argv=None) -> dict:
     if unknown or (render and not cameras):
         raise SystemExit(f"--cameras must be some of {','.join(CAMERAS)}, got {args.cameras!r}")
     os.makedirs(os.path.join(args.out, "attempts"), exist_ok=True)
-    _check_out_dir(args.out, cameras, args.image_size, load_attempts(args.out), args.action_noise)
+    _check_out_dir(args.out, cameras, args.image_size, load_attempts(args.out), args.action_noise, args.policy,
+                   args.expert_prob)
     info_extra = {"source": f"scripted expert (fast_dvla.envs.libero_expert), {args.suite}",
                   "action_noise": args.action_noise}
+    if args.policy:
+        info_extra.update(source=f"policy {args.policy} relabelled by the scripted expert, {args.suite}",
+                          expert_prob=args.expert_prob)
     if render:
         write_dataset_info(args.out, cameras, [args.image_size] * 2, STATE_DIM, ACTION_DIM, fps=FPS,
                            episodes=len(list_episodes(args.out)), **info_extra)
@@ -280,7 +331,8 @@ def main(argv=None) -> dict:
     pending = [(t, i) for t in tasks for i in inits if not _finished(args.out, t, i)]
     skipped = len(tasks) * len(inits) - len(pending)
     t0, ok, done = time.time(), 0, 0
-    bar = tqdm(total=len(pending), desc=f"expert episodes ({skipped} done before)", unit="ep")
+    kind = "relabelled policy episodes" if args.policy else "expert episodes"
+    bar = tqdm(total=len(pending), desc=f"{kind} ({skipped} done before)", unit="ep")
     workers = max(1, min(args.workers, len(pending)))
 
     def tick(result):
@@ -292,7 +344,8 @@ def main(argv=None) -> dict:
     if workers > 1:
         ctx = mp.get_context("spawn")  # each worker its own simulator and GL context
         pool = ctx.Pool(workers, initializer=_worker_init, initargs=(args.suite, args.out, args.image_size, cameras,
-                                                                      args.max_steps, args.action_noise))
+                                                                      args.max_steps, args.action_noise,
+                                                                      args.policy, args.expert_prob))
         try:
             for result in pool.imap_unordered(_worker_record, pending):
                 tick(result)
@@ -303,7 +356,8 @@ def main(argv=None) -> dict:
         finally:
             pool.join()
     else:
-        recorder = Recorder(args.suite, args.out, args.image_size, cameras, args.max_steps, args.action_noise)
+        recorder = Recorder(args.suite, args.out, args.image_size, cameras, args.max_steps, args.action_noise,
+                            args.policy, args.expert_prob)
         try:
             for pair in pending:
                 tick(recorder.record(pair))
@@ -331,7 +385,7 @@ def main(argv=None) -> dict:
     with open(os.path.join(args.out, "report.md"), "w") as f:
         f.write(table + "\n")
     print(table)
-    print(f"expert success {report['successes']}/{report['attempts']}"
+    print(f"{'policy' if args.policy else 'expert'} success {report['successes']}/{report['attempts']}"
           + (f"; {report['demonstrations']} demonstrations in {args.out}" if render else " (no rendering)"))
     return report
 

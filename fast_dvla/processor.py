@@ -17,31 +17,46 @@ from .tokenizer import InstructionTokenizer
 
 @dataclass
 class StateNormalizer:
+    """Per-entry standardisation of the robot state. Entries listed in
+    ``ignore`` are zeroed after it: the policy never reads them. (A scripted
+    expert that holds the hand's orientation leaves it almost constant in the
+    demos, std ~0.003 rad, so the few milliradians it does vary become a
+    spurious cue; in closed loop a policy that never commands rotation lets it
+    drift to 10-20 std, far outside anything it was trained on.)"""
+
     mean: np.ndarray
     std: np.ndarray
+    ignore: tuple = ()
 
     def __post_init__(self):
         self.mean = np.asarray(self.mean, dtype=np.float32)
         self.std = np.maximum(np.asarray(self.std, dtype=np.float32), 1e-6)
+        self.ignore = tuple(int(i) for i in self.ignore)
+        bad = [i for i in self.ignore if not 0 <= i < self.mean.shape[-1]]
+        if bad:
+            raise ValueError(f"state entries to ignore {bad} are out of range for a {self.mean.shape[-1]}-D state")
+        self._keep = np.ones(self.mean.shape[-1], dtype=np.float32)
+        self._keep[list(self.ignore)] = 0.0
 
     @classmethod
-    def fit(cls, states: np.ndarray) -> "StateNormalizer":
+    def fit(cls, states: np.ndarray, ignore=()) -> "StateNormalizer":
         states = np.asarray(states, dtype=np.float64).reshape(-1, np.shape(states)[-1])
-        return cls(states.mean(0), states.std(0))
+        return cls(states.mean(0), states.std(0), ignore)
 
     @classmethod
     def identity(cls, dim: int) -> "StateNormalizer":
         return cls(np.zeros(dim), np.ones(dim))
 
     def __call__(self, state: np.ndarray) -> np.ndarray:
-        return (state - self.mean) / self.std
+        normed = (state - self.mean) / self.std
+        return normed * self._keep if self.ignore else normed
 
     def to_dict(self) -> dict:
-        return {"mean": self.mean.tolist(), "std": self.std.tolist()}
+        return {"mean": self.mean.tolist(), "std": self.std.tolist(), "ignore": list(self.ignore)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "StateNormalizer":
-        return cls(np.array(d["mean"]), np.array(d["std"]))
+        return cls(np.array(d["mean"]), np.array(d["std"]), d.get("ignore", ()))
 
 
 class ObservationProcessor:

@@ -214,3 +214,40 @@ def test_recorder_counts_failures(tmp_path):
     assert report["attempts"] == 1 and report["successes"] == 0 and report["success_rate"] == 0
     assert report["failures"] == [{"task": 1, "init": 0, "steps": 30, "retries": 0}]
     assert "demonstrations" not in report and not os.path.exists(os.path.join(out, "dataset.json"))
+
+
+def test_relabelling_lets_the_policy_drive_and_stores_the_experts_labels(env, tmp_path):
+    """DAgger-style recording: executed actions are the policy's, labels the expert's, failures kept."""
+    from fast_dvla import ActionTokenizer, FastDVLAPolicy, ModelConfig, ReferenceDVLA
+    from fast_dvla.data import read_episode
+    from fast_dvla.envs.libero_expert import LiberoObjectExpert
+    from fast_dvla.eval.record_libero_demos import Recorder
+    import torch
+
+    torch.manual_seed(0)
+    model = ReferenceDVLA(ModelConfig(image_size=32, hidden_size=64, num_layers=2, intermediate_size=128))
+    FastDVLAPolicy(model, ActionTokenizer(-np.ones(7), np.ones(7), gripper_dims=(6,)),
+                   n_action_steps=4).save_pretrained(str(tmp_path / "policy"))
+
+    def run(expert_prob):
+        out = tmp_path / f"beta{expert_prob}"
+        out.mkdir()
+        recorder = Recorder("libero_object", str(out), 32, max_steps=8, policy=str(tmp_path / "policy"),
+                            expert_prob=expert_prob)
+        recorder.env, recorder.expert = env, LiberoObjectExpert(env)
+        executed, step = [], env.step
+        env.step = lambda a: executed.append(np.array(a)) or step(a)
+        try:
+            result = recorder._episode(env, 0, 0)
+        finally:
+            del env.step
+        episode = read_episode(str(out / "episode_000000.npz"))
+        return result, episode, np.array(executed)
+
+    result, episode, executed = run(0.0)
+    assert not result["success"] and result["expert_steps"] == 0 and episode["action"].shape == (8, 7)
+    assert episode["images"]["wrist"].shape == (8, 32, 32, 3)  # kept although it failed
+    assert not np.allclose(executed, episode["action"])  # an untrained policy drove, not the expert
+    _, expert_episode, expert_executed = run(1.0)
+    assert np.allclose(expert_executed, expert_episode["action"])  # the expert drove every chunk
+    assert np.allclose(expert_episode["action"][0], episode["action"][0])  # same first state, same label

@@ -84,3 +84,25 @@ def test_bad_observations_are_named(mutate, err, match):
 def test_mismatched_tokenizer_is_rejected():
     with pytest.raises(ValueError, match="action_dim"):
         FastDVLAPolicy(tiny_model(0), ActionTokenizer(np.zeros(6), np.ones(6)))
+
+
+def test_ignored_state_entries_are_never_read(tmp_path):
+    rng = np.random.default_rng(1)
+    norm = StateNormalizer.fit(rng.normal(size=(50, 8)), ignore=[3, 4, 5])
+    policy = make_policy()
+    policy = FastDVLAPolicy(policy.model, policy.action_tokenizer, norm)
+    base = obs()
+    moved = {**base, "state": base["state"].copy()}
+    moved["state"][3:6] += 100.0  # far out of range
+    state_in = lambda o: policy.processor(o)[0]["state"]  # noqa: E731  what the model receives
+    assert torch.equal(state_in(base), state_in(moved))
+    assert np.array_equal(policy.predict_action_chunk(base), policy.predict_action_chunk(moved))
+    other = {**base, "state": base["state"].copy()}
+    other["state"][0] += 1.0  # a read entry still reaches the model
+    assert not torch.equal(state_in(base), state_in(other))
+    policy.save_pretrained(tmp_path / "p")
+    assert FastDVLAPolicy.from_pretrained(str(tmp_path / "p")).state_norm.ignore == (3, 4, 5)
+    # statistics saved before the option existed load as "read everything"
+    assert StateNormalizer.from_dict({"mean": [0.0] * 8, "std": [1.0] * 8}).ignore == ()
+    with pytest.raises(ValueError, match="out of range"):
+        StateNormalizer.fit(rng.normal(size=(50, 8)), ignore=[8])

@@ -111,6 +111,25 @@ def test_fidelity_scores_the_trained_teacher_above_an_untrained_one(teacher, syn
                                                        "rows": [trained]})
 
 
+def test_finetuning_starts_from_the_given_policy_and_can_drop_state_entries(teacher, synthetic, tmp_path):
+    trainer, path = teacher
+    cfg = TrainConfig(stage="teacher", data=synthetic, out=str(tmp_path), init_from=path, state_ignore=[2, 3],
+                      steps=3, batch_size=8, lr=1e-4, warmup_steps=1)
+    tuned = Trainer(cfg, progress=False)
+    start = FastDVLAPolicy.from_pretrained(path)
+    assert all(torch.equal(v, start.model.state_dict()[k]) for k, v in tuned.model.state_dict().items())
+    assert tuned.dataset.action_tokenizer.to_dict() == start.action_tokenizer.to_dict()  # same bins
+    assert tuned.dataset.state_norm.ignore == (2, 3)
+    assert (tuned.dataset.batch(range(10))["state"][:, 2:4] == 0).all()
+    tuned.train()
+    assert FastDVLAPolicy.from_pretrained(tuned.export()).state_norm.ignore == (2, 3)
+    with pytest.raises(ValueError, match="init_from"):
+        TrainConfig(stage="distill", data="d", out="o", teacher="t", init_from=path)
+    with pytest.raises(ValueError, match="model"):
+        Trainer(TrainConfig(stage="teacher", data=synthetic, out=str(tmp_path / "x"), init_from=path,
+                            model={"num_layers": 1}), progress=False)
+
+
 @pytest.mark.parametrize("student", ["lora", "full"])
 def test_distilled_student_matches_teacher(teacher, synthetic, tmp_path, student):
     t_trainer, t_path = teacher

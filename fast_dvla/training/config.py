@@ -14,7 +14,7 @@ INITS = ("teacher", "scratch")
 @dataclass
 class TrainConfig:
     stage: str = "teacher"
-    data: str = ""                  # episodes directory
+    data: str | list = ""           # episodes directory, or a list of them
     out: str = ""                   # run directory: checkpoint, logs, exported policy
     model: dict = field(default_factory=dict)   # ModelConfig overrides (teacher stage)
     teacher: str = ""               # teacher policy directory (distill stage)
@@ -31,6 +31,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     gripper_dims: list = field(default_factory=lambda: [6])
+    # state entries the policy never reads (teacher stage; a student keeps its teacher's)
+    state_ignore: list = field(default_factory=list)
+    init_from: str = ""             # teacher stage: start from this policy's weights (fine-tuning)
     max_episodes: int | None = None
     log_every: int = 10
     save_every: int = 200
@@ -56,6 +59,10 @@ class TrainConfig:
                 bad("distillation needs 'teacher' (a teacher policy directory)")
             if self.init == "scratch" and self.student == "lora":
                 bad("a LoRA student starts from the teacher's weights; use student: full with init: scratch")
+        if not all(isinstance(i, int) and i >= 0 for i in self.state_ignore):
+            bad(f"state_ignore must be a list of state indices, got {self.state_ignore!r}")
+        if self.init_from and self.stage != "teacher":
+            bad("init_from applies to the teacher stage (a student starts from its 'teacher')")
         for name in ("steps", "batch_size", "log_every", "save_every", "lora_rank"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(f"{name} must be a positive integer, got {getattr(self, name)!r}")

@@ -17,28 +17,37 @@ from ..tokenizer import ActionTokenizer, InstructionTokenizer
 
 
 class ChunkDataset:
-    def __init__(self, root: str, model_config: ModelConfig, action_tokenizer: ActionTokenizer | None = None,
+    def __init__(self, root, model_config: ModelConfig, action_tokenizer: ActionTokenizer | None = None,
                  state_norm: StateNormalizer | None = None, gripper_dims=(6,), max_episodes: int | None = None,
-                 progress: bool = True):
-        info = read_dataset_info(root)
+                 progress: bool = True, state_ignore=()):
+        """``root``: an episodes directory, or a list of them (expert demos plus relabelled
+        policy rollouts, say); ``max_episodes`` counts over all of them, in order."""
         cfg = model_config
-        if info["action_dim"] != cfg.action_dim or info["state_dim"] != cfg.state_dim:
-            raise ValueError(f"{root}: dataset action/state dims {info['action_dim']}/{info['state_dim']} "
-                             f"!= model's {cfg.action_dim}/{cfg.state_dim}")
-        if list(info["image_size"]) != [cfg.image_size, cfg.image_size]:
-            raise ValueError(f"{root}: images are {info['image_size']}, the model takes {cfg.image_size}")
-        absent = [c for c in cfg.cameras if c not in info["cameras"]]
-        if absent:
-            raise ValueError(f"{root}: the model needs cameras {absent} that the dataset lacks")
-        paths = list_episodes(root)[:max_episodes]
-        if not paths:
-            raise ValueError(f"{root}: no episode files")
+        roots = [root] if isinstance(root, str) else list(root)
+        if not roots:
+            raise ValueError("no episodes directory given")
+        files = []  # (path, the dataset info of its directory)
+        for r in roots:
+            info = read_dataset_info(r)
+            if info["action_dim"] != cfg.action_dim or info["state_dim"] != cfg.state_dim:
+                raise ValueError(f"{r}: dataset action/state dims {info['action_dim']}/{info['state_dim']} "
+                                 f"!= model's {cfg.action_dim}/{cfg.state_dim}")
+            if list(info["image_size"]) != [cfg.image_size, cfg.image_size]:
+                raise ValueError(f"{r}: images are {info['image_size']}, the model takes {cfg.image_size}")
+            absent = [c for c in cfg.cameras if c not in info["cameras"]]
+            if absent:
+                raise ValueError(f"{r}: the model needs cameras {absent} that the dataset lacks")
+            paths = list_episodes(r)
+            if not paths:
+                raise ValueError(f"{r}: no episode files")
+            files.extend((p, info) for p in paths)
+        files = files[:max_episodes]
         self.config = cfg
-        self.episodes = [read_episode(p, info) for p in tqdm(paths, desc="loading episodes", disable=not progress)]
+        self.episodes = [read_episode(p, info) for p, info in tqdm(files, desc="loading episodes", disable=not progress)]
         actions = np.concatenate([e["action"] for e in self.episodes])
         states = np.concatenate([e["state"] for e in self.episodes])
         self.action_tokenizer = action_tokenizer or ActionTokenizer.fit(actions, cfg.n_bins, gripper_dims)
-        self.state_norm = state_norm or StateNormalizer.fit(states)
+        self.state_norm = state_norm or StateNormalizer.fit(states, state_ignore)
         instr = InstructionTokenizer(cfg.instr_vocab, cfg.instr_len)
         self.index = [(e, t) for e, ep in enumerate(self.episodes) for t in range(len(ep["action"]))]
         # everything the model sees, precomputed once (small datasets live in memory)

@@ -83,9 +83,17 @@ class Trainer:
         torch.manual_seed(config.seed)  # model init is part of the seeded run
         self.teacher_policy = None
         if config.stage == "teacher":
-            self.model = ReferenceDVLA(ModelConfig(**config.model))
-            self.dataset = dataset or ChunkDataset(config.data, self.model.config, gripper_dims=config.gripper_dims,
-                                                   max_episodes=config.max_episodes, progress=self.progress)
+            tokenizer = None
+            if config.init_from:  # fine-tune: its architecture, weights and action bins; state statistics refit
+                start = FastDVLAPolicy.from_pretrained(config.init_from)
+                if config.model:
+                    raise ValueError("training config: 'model' overrides cannot apply when init_from gives the model")
+                self.model, tokenizer = start.model, start.action_tokenizer
+            else:
+                self.model = ReferenceDVLA(ModelConfig(**config.model))
+            self.dataset = dataset or ChunkDataset(config.data, self.model.config, tokenizer,
+                                                   gripper_dims=config.gripper_dims, max_episodes=config.max_episodes,
+                                                   progress=self.progress, state_ignore=config.state_ignore)
             teacher = None
             params = [p for p in self.model.parameters() if p.requires_grad]
         else:
