@@ -163,6 +163,10 @@ def test_resume_gives_the_same_weights(synthetic, tmp_path):
     resumed.train()
     for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(a, b), name
+    other = cfg(tmp_path / "b")
+    other.lr = 5e-4  # another recipe in the same run directory is refused, not silently resumed
+    with pytest.raises(ValueError, match="other settings \\(lr\\)"):
+        Trainer(other, progress=False).resume()
 
 
 def _ddp_worker(rank, world, port, data, out):

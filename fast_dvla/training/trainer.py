@@ -62,6 +62,16 @@ class StageLoss(nn.Module):
         return distillation_loss(model, prefix, t_logits, tokens, mask, weight)[0]
 
 
+# settings a run may change when it is resumed (train longer, log differently, other cores)
+RESUMABLE_CHANGES = ("steps", "log_every", "save_every", "threads")
+
+
+def changed_settings(saved: dict, current: dict) -> list[str]:
+    """Settings of ``current`` that differ from a checkpoint's ``saved`` config."""
+    return sorted(k for k in set(saved) | set(current)
+                  if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
+
+
 def lr_lambda(config: TrainConfig):
     def f(step):
         if step < config.warmup_steps:
@@ -152,6 +162,10 @@ class Trainer:
         if not os.path.isfile(self.checkpoint_path):
             return False
         s = torch.load(self.checkpoint_path, weights_only=False)
+        changed = changed_settings(s.get("config", {}), self.config.to_dict())
+        if changed:  # resuming another run's weights under a new recipe would be silently wrong
+            raise ValueError(f"{self.config.out} holds a run with other settings ({', '.join(changed)}); "
+                             f"resume it with the same config or pick another 'out'")
         self.model.load_state_dict(s["model"])
         self.optimizer.load_state_dict(s["optimizer"])
         self.scheduler.load_state_dict(s["scheduler"])
