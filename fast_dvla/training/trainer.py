@@ -62,8 +62,8 @@ class StageLoss(nn.Module):
         return distillation_loss(model, prefix, t_logits, tokens, mask, weight)[0]
 
 
-# settings a run may change when it is resumed (train longer, log differently, other cores)
-RESUMABLE_CHANGES = ("steps", "log_every", "save_every", "threads")
+# settings a run may change when it is resumed (train longer, log differently, other cores, a moved directory)
+RESUMABLE_CHANGES = ("out", "steps", "log_every", "save_every", "threads")
 
 
 def changed_settings(saved: dict, current: dict) -> list[str]:
