@@ -167,6 +167,9 @@ def test_resume_gives_the_same_weights(synthetic, tmp_path):
     other.lr = 5e-4  # another recipe in the same run directory is refused, not silently resumed
     with pytest.raises(ValueError, match="other settings \\(lr\\)"):
         Trainer(other, progress=False).resume()
+    from fast_dvla.training.trainer import changed_settings
+    older = {k: v for k, v in cfg(tmp_path / "b").to_dict().items() if k not in ("state_ignore", "init_from")}
+    assert changed_settings(older, cfg(tmp_path / "b").to_dict()) == []  # written before those settings existed
 
 
 def _ddp_worker(rank, world, port, data, out):

@@ -15,6 +15,7 @@ import math
 import os
 import random
 import time
+from dataclasses import MISSING, fields
 
 import numpy as np
 import torch
@@ -67,7 +68,11 @@ RESUMABLE_CHANGES = ("out", "steps", "log_every", "save_every", "threads")
 
 
 def changed_settings(saved: dict, current: dict) -> list[str]:
-    """Settings of ``current`` that differ from a checkpoint's ``saved`` config."""
+    """Settings of ``current`` that differ from a checkpoint's ``saved`` config (a setting
+    added since that checkpoint was written counts as its default there)."""
+    defaults = {f.name: f.default if f.default is not MISSING else f.default_factory()
+                for f in fields(TrainConfig) if f.default is not MISSING or f.default_factory is not MISSING}
+    saved = {**defaults, **saved}
     return sorted(k for k in set(saved) | set(current)
                   if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
 
