@@ -16,7 +16,6 @@ checkpoint, exported in memory as the run would export it).
 from __future__ import annotations
 
 import argparse
-import os
 
 import numpy as np
 from tqdm import tqdm
@@ -24,15 +23,9 @@ from tqdm import tqdm
 from fast_dvla import FastDVLAPolicy
 from fast_dvla.config import METHODS
 from fast_dvla.data import list_episodes, read_dataset_info, read_episode
+from fast_dvla.training.trainer import load_policy  # noqa: F401  (also this module's API)
 
 from .report import markdown_table, write_json
-
-
-def load_policy(path: str) -> FastDVLAPolicy:
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return FastDVLAPolicy.from_pretrained(path)
-    from fast_dvla.training.trainer import policy_from_run
-    return policy_from_run(path)
 
 
 def sample_frames(root: str, n: int, horizon: int, seed: int) -> list[tuple[dict, np.ndarray]]:
@@ -59,12 +52,12 @@ def sample_frames(root: str, n: int, horizon: int, seed: int) -> list[tuple[dict
 def measure(policy: FastDVLAPolicy, frames, method: str, progress: bool = True) -> dict:
     tok = policy.action_tokenizer
     config = policy.decode_config.replace(method=method)
+    grip = list(tok.gripper_dims)
     hits, errors, grip_wrong = [], [], []
     for obs, demo in tqdm(frames, desc=f"fidelity {method}", disable=not progress):
         pred = policy.predict_action_chunk(obs, config)
         hits.append(tok.encode(pred) == tok.encode(demo))
         errors.append(np.abs(pred - demo))
-        grip = list(tok.gripper_dims)
         grip_wrong.append(np.sign(pred[:, grip]) != np.sign(demo[:, grip]))
     hits, errors = np.concatenate(hits), np.concatenate(errors)
     return {"method": method, "frames": len(frames), "token_accuracy": float(hits.mean()),

@@ -95,7 +95,7 @@ class Recorder:
         self.policy_path, self.expert_prob = policy, float(expert_prob)
         self.policy = None
         if policy:
-            from .fidelity import load_policy
+            from fast_dvla.training.trainer import load_policy
             self.policy = load_policy(policy)
         self.render = bool(self.cameras)  # no cameras: the expert alone, no episode written
         self.max_steps = max_steps

@@ -279,3 +279,10 @@ def policy_from_run(run_dir: str) -> FastDVLAPolicy:
     trainer = Trainer(config, progress=False)
     trainer.resume()
     return trainer.policy()
+
+
+def load_policy(path: str) -> FastDVLAPolicy:
+    """A policy directory, or a training run directory (its latest checkpoint, exported in memory)."""
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return FastDVLAPolicy.from_pretrained(path)
+    return policy_from_run(path)
