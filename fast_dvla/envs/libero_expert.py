@@ -11,7 +11,9 @@
 Gripper pointing down, orientation held at its start; fingers close along
 world y. Per attempt: hover above the object, descend to a grasp height
 derived from the object's height (aiming at its origin puts the fingers into
-the table for flat boxes and onto the cap for tall bottles), close, lift
+the table for flat boxes and onto the cap for tall bottles; a descent that
+stalls before its waypoint would make the close depend on how long it has
+stalled, which a policy cannot observe), close, lift
 until the object clears the basket rim, check that it rose with the hand
 (else open and retry), carry it over the basket (a drop on the way is also
 retried), lower, open, retreat. Object, neighbour and basket extents come
@@ -39,6 +41,14 @@ STALL_STEPS = 6          # a descent that stops moving for this long has met som
 CLOSE_STEPS = 12         # the Panda gripper needs ~10 steps to close
 OPEN_STEPS = 10
 HOVER_ABOVE = 0.10       # hover this far above the grasp point before descending
+# Tall objects are gripped this far below their top. Deeper (4.5 cm, the finger length) put the
+# target below where the palm meets the cap: every descent ended in a stall, and a stall is
+# only told by its duration, so the demos held 2-6 identical frames labelled "keep descending"
+# before "close". A cloned policy cannot see how long it has stalled, learnt "keep descending"
+# and pressed on the cap forever (held-out tasks 2, 3 and 9: 0/6). At 3.8 cm the descent
+# reaches its waypoint, the close is a function of the observed height, and the expert still
+# completes 40/40 tall-object episodes (3.0-3.4 cm: 36/40; 4.1 cm: stalls again).
+TALL_GRIP_BELOW_TOP = 0.038
 RIM_CLEARANCE = 0.06     # object bottom above the basket rim while carrying
 DROP_MARGIN = 0.03       # the object sank this far below the hand while carrying: it slipped out
 MAX_RETRIES = 2
@@ -129,8 +139,8 @@ class LiberoObjectExpert:
         h = float(hi[2] - lo[2])
         self.obj_bottom_offset = float(raw[self.obj + "_pos"][2] - lo[2])  # origin above its lowest point
         # grip site above the object's bottom: mid-height for short objects, just
-        # below the top for tall ones (the fingers are ~4.5 cm long), never into the table
-        self.grasp_above_bottom = max(h / 2, h - 0.045, 0.012)
+        # below the top for tall ones (see TALL_GRIP_BELOW_TOP), never into the table
+        self.grasp_above_bottom = max(h / 2, h - TALL_GRIP_BELOW_TOP, 0.012)
         self.grasp_dx = self._grasp_offset_x(lo, hi)
 
     def _grasp_offset_x(self, lo, hi) -> float:
