@@ -56,17 +56,58 @@ class DVLAModel(nn.Module):
         raise NotImplementedError
 
 
+# decoders whose layers are exactly: norm -> q/k/v -> RoPE -> attention -> o -> residual ->
+# norm -> gated MLP -> residual, with these module names (transformers' Llama layout)
+LEAN_DECODERS = ("LlamaModel", "Qwen2Model")
+
+
+def lean_forward(decoder: nn.Module, embeds: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
+                 cache: BlockKVCache | None, **attn_kwargs) -> torch.Tensor:
+    """The same computation as ``decoder(inputs_embeds=...)`` for a Llama-layout decoder,
+    without its per-call machinery (output capture, mask preparation, keyword plumbing).
+
+    At the reference model's size (4 layers x 256, windows of 7-28 tokens on a CPU) that
+    machinery costs about as much as the matmuls; on a 7B model it is noise. Submodules are
+    still called as modules, so biases (Qwen2) and LoRA adapters (peft) apply.
+    """
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
+
+    attention = ALL_ATTENTION_FUNCTIONS.get_interface(decoder.config._attn_implementation, eager_attention_forward)
+    cos, sin = decoder.rotary_emb(embeds, position_ids)
+    batch, length = embeds.shape[:2]
+    hidden = embeds
+    for i, layer in enumerate(decoder.layers[: decoder.config.num_hidden_layers]):
+        attn = layer.self_attn
+        x = layer.input_layernorm(hidden)
+        heads = (batch, length, -1, attn.head_dim)
+        q = attn.q_proj(x).view(heads).transpose(1, 2)
+        k = attn.k_proj(x).view(heads).transpose(1, 2)
+        v = attn.v_proj(x).view(heads).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, i)
+        out, _ = attention(attn, q, k, v, mask, dropout=attn.attention_dropout if attn.training else 0.0,
+                           scaling=attn.scaling, **attn_kwargs)
+        hidden = hidden + attn.o_proj(out.reshape(batch, length, -1))
+        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    return decoder.norm(hidden)
+
+
 class TransformersBackbone(nn.Module):
     """A transformers decoder run with our own 4D mask and block cache.
 
     transformers returns a 4D mask unchanged, so the block-causal rule is
     never replaced by its token-causal default. ``eager`` attention adds the
-    mask to the scores, so it gets the additive form.
+    mask to the scores, so it gets the additive form. Llama-layout decoders
+    (:data:`LEAN_DECODERS`) run through :func:`lean_forward` unless
+    ``lean=False``; tests check that both paths agree.
     """
 
-    def __init__(self, decoder: nn.Module, backend: str = "sdpa"):
+    def __init__(self, decoder: nn.Module, backend: str = "sdpa", lean: bool = True):
         super().__init__()
         self.decoder = decoder
+        self.lean = lean and type(decoder).__name__ in LEAN_DECODERS
         self.freeze_unused()
         self.set_backend(backend)
 
@@ -97,6 +138,8 @@ class TransformersBackbone(nn.Module):
         else:
             kwargs["fast_dvla_layout"] = layout
         position_ids = positions.reshape(1, -1).expand(embeds.shape[0], -1)
+        if self.lean:
+            return lean_forward(self.decoder, embeds, position_ids, mask, cache, **kwargs)
         out = self.decoder(inputs_embeds=embeds, position_ids=position_ids, attention_mask=mask,
                            past_key_values=cache, use_cache=False, **kwargs)
         return out.last_hidden_state

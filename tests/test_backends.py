@@ -55,3 +55,74 @@ def test_unknown_and_unavailable_backends_say_why(monkeypatch):
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
         with pytest.raises(BackendUnavailable, match="TRITON_INTERPRET"):
             use_backend(model, "triton")
+
+
+@pytest.mark.parametrize("backend", ["sdpa"] + RUNNABLE)
+def test_lean_forward_equals_the_transformers_forward(backend):
+    """The Llama-layout fast path against ``decoder(inputs_embeds=...)`` on fresh random
+    inputs: a prefix forward that fills the cache, then a cached block-causal window, with a
+    LoRA adapter on the projections (it must reach them) and the same gradients through the
+    uncached forward that training runs."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from fast_dvla.decoding.common import WindowForward
+
+    model = tiny_model(5, sharpness=4.0)
+    assert model.backbone.lean
+    inject_adapter_in_model(LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False),
+                            model.backbone.decoder)
+    use_backend(model, backend)
+    prefix = random_prefix(model, 2, 7)
+    tokens = torch.randint(0, model.n_bins + 1, (2, model.chunk_len), generator=torch.Generator().manual_seed(7))
+    P, k = model.prefix_len, model.block_size
+    outputs = {}
+    trains = backend in ("sdpa", "eager")  # the backends training uses (flex has no CPU backward)
+    for lean in (True, False):
+        model.backbone.lean = lean
+        with torch.set_grad_enabled(trains):
+            cache = model.new_cache(2, P + model.chunk_len)
+            fwd = WindowForward(model, prefix, cache)
+            first = fwd(tokens, 0, P + k, BLOCK_CAUSAL, use_cache=True)
+            cache.commit(P + k)
+            window = fwd(tokens, P + k, P + 3 * k, BLOCK_CAUSAL, use_cache=True)
+            full = WindowForward(model, prefix, None)(tokens, 0, P + model.chunk_len, BIDIRECTIONAL, use_cache=False)
+        lora_grad = torch.ones(1)
+        if trains:
+            full.square().mean().backward()
+            lora_grad = next(p.grad for n, p in model.named_parameters() if "lora_B" in n).clone()
+            model.zero_grad()
+        outputs[lean] = (first.detach(), window.detach(), full.detach(), lora_grad)
+    use_backend(model, "sdpa")
+    for fast, plain in zip(outputs[True], outputs[False]):
+        assert torch.allclose(fast, plain, atol=1e-5, rtol=1e-5)
+    assert outputs[True][3].abs().sum() > 0  # the adapter is on the path
+
+
+def test_lean_forward_on_a_qwen2_decoder():
+    """Qwen2 has biases on q/k/v: the lean path must call the projections as modules."""
+    from transformers import Qwen2Config, Qwen2Model
+
+    from fast_dvla.backbone import TransformersBackbone
+    from fast_dvla.masks import dense_mask
+
+    torch.manual_seed(0)
+    decoder = Qwen2Model(Qwen2Config(vocab_size=2, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2)).eval()
+    for layer in decoder.layers:
+        torch.nn.init.normal_(layer.self_attn.q_proj.bias, std=0.5)
+    backbone = TransformersBackbone(decoder, "sdpa")
+    assert backbone.lean
+    embeds, positions = torch.randn(2, 17, 32), torch.arange(17)
+    mask = dense_mask(3, 7, 0, 17, 17, BLOCK_CAUSAL)
+    fast = backbone(embeds, positions, mask)
+    backbone.lean = False
+    assert torch.allclose(fast, backbone(embeds, positions, mask), atol=1e-5)
+
+
+def test_only_llama_layout_decoders_take_the_lean_path():
+    from transformers import GPT2Config, GPT2Model
+
+    from fast_dvla.backbone import TransformersBackbone
+
+    assert not TransformersBackbone(GPT2Model(GPT2Config(n_layer=1, n_embd=32, n_head=2))).lean
+    assert not TransformersBackbone(tiny_model(0).backbone.decoder, lean=False).lean
