@@ -10,7 +10,7 @@ from fast_dvla import DecodeConfig, FastDVLAPolicy, decode
 from fast_dvla.masks import BLOCK_CAUSAL
 from fast_dvla.training.config import TrainConfig
 from fast_dvla.training.losses import distillation_loss, forward_full
-from fast_dvla.training.noise import forcing_ratios, student_noise, teacher_noise
+from fast_dvla.training.noise import forcing_ratios, mask_tails, student_noise, teacher_noise
 from fast_dvla.training.synthetic import write_synthetic_dataset
 from fast_dvla.training.trainer import Trainer
 from helpers import TINY, random_prefix, tiny_model
@@ -37,6 +37,25 @@ def test_noise_masks_follow_their_ratios():
     assert tmask.any(1).all() and (tweight >= 1).all()
     assert tweight.max() <= 56 and tweight.max() > 50  # 1/t, capped at L for t < 1/L
     assert 0.4 < tmask.float().mean() < 0.6  # E[t] = 1/2
+
+
+def test_masked_tails_cover_all_mask_blocks_and_default_to_d2f():
+    p = forcing_ratios(2000, 8, torch.Generator().manual_seed(3))
+    assert torch.equal(mask_tails(p, 0.0, torch.Generator().manual_seed(4)), p)  # off: D2F's ratios, untouched
+    tailed = mask_tails(p, 0.5, torch.Generator().manual_seed(4))
+    assert (tailed[:, 1:] >= tailed[:, :-1]).all()  # still non-decreasing
+    full = tailed == 1.0
+    assert 0.4 < full.any(1).float().mean() < 0.6  # about half the samples have a tail
+    assert (full[:, 1:] >= full[:, :-1]).all()  # a tail runs to the last block
+    assert full[:, 0].any() and (full.sum(1) == 1).any()  # from the first block, or only the last
+    assert torch.equal(tailed[~full], p[~full])  # blocks before a tail keep their ratios
+    mask, weight = student_noise(500, 8, 7, torch.Generator().manual_seed(5), masked_tail_prob=1.0)
+    assert mask.view(500, 8, 7)[:, -1].all()  # every sample's last block is all [MASK]
+    assert (weight.view(500, 8, 7)[:, -1] == 1).all()
+    with pytest.raises(ValueError, match="masked_tail_prob"):
+        TrainConfig(stage="distill", data="d", out="o", teacher="t", masked_tail_prob=1.5)
+    with pytest.raises(ValueError, match="distill stage"):
+        TrainConfig(stage="teacher", data="d", out="o", masked_tail_prob=0.5)
 
 
 # -- losses ---------------------------------------------------------------------

@@ -22,6 +22,8 @@ class TrainConfig:
     loss: str = "asymmetric"        # asymmetric | block_diffusion
     init: str = "teacher"           # student initialisation: teacher | scratch
     lora_rank: int = 32
+    # distill stage: share of samples whose trailing blocks are all [MASK] (noise.mask_tails; 0 = D2F's scheme)
+    masked_tail_prob: float = 0.0
     steps: int = 1000
     batch_size: int = 32
     lr: float = 3e-4
@@ -59,6 +61,10 @@ class TrainConfig:
                 bad("distillation needs 'teacher' (a teacher policy directory)")
             if self.init == "scratch" and self.student == "lora":
                 bad("a LoRA student starts from the teacher's weights; use student: full with init: scratch")
+        if not 0.0 <= self.masked_tail_prob <= 1.0:
+            bad(f"masked_tail_prob must be in [0, 1], got {self.masked_tail_prob!r}")
+        if self.masked_tail_prob and self.stage != "distill":
+            bad("masked_tail_prob applies to the distill stage (the teacher's noise covers every ratio)")
         if not all(isinstance(i, int) and i >= 0 for i in self.state_ignore):
             bad(f"state_ignore must be a list of state indices, got {self.state_ignore!r}")
         if self.init_from and self.stage != "teacher":

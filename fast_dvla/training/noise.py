@@ -31,10 +31,26 @@ def forcing_ratios(batch: int, num_blocks: int, generator: torch.Generator) -> t
     return torch.cat([p0, p0 + inc.cumsum(1)], dim=1).clamp(max=1.0)
 
 
-def student_noise(batch: int, num_blocks: int, block_size: int, generator: torch.Generator, device="cpu"):
+def mask_tails(ratios: torch.Tensor, prob: float, generator: torch.Generator) -> torch.Tensor:
+    """(ours, off by default) With probability ``prob`` per sample, blocks from a uniformly
+    drawn one to the last are masked entirely (ratio 1); the ratios stay non-decreasing.
+    D2F's ratios stop at 0.7, so a student rarely trains on an all-[MASK] block, yet
+    pipelined decoding starts every block all-[MASK]. ``prob == 0`` draws nothing."""
+    if prob <= 0:
+        return ratios
+    batch, n = ratios.shape
+    tailed = torch.rand(batch, 1, generator=generator) < prob
+    start = torch.randint(n, (batch, 1), generator=generator)
+    in_tail = tailed & (torch.arange(n)[None] >= start)
+    return torch.where(in_tail, torch.ones_like(ratios), ratios)
+
+
+def student_noise(batch: int, num_blocks: int, block_size: int, generator: torch.Generator, device="cpu",
+                  masked_tail_prob: float = 0.0):
     """Every token of block ``b`` masked with probability ``p_b``. Returns
     ``(mask [B, L], weight [B, L] = 1/p_b)``, at least one masked token per sample."""
-    p = forcing_ratios(batch, num_blocks, generator).repeat_interleave(block_size, dim=1)
+    ratios = mask_tails(forcing_ratios(batch, num_blocks, generator), masked_tail_prob, generator)
+    p = ratios.repeat_interleave(block_size, dim=1)
     length = num_blocks * block_size
     mask = torch.rand(batch, length, generator=generator) < p
     forced = torch.randint(length, (batch,), generator=generator)

@@ -192,7 +192,8 @@ class Trainer:
         if cfg.stage == "teacher":
             mask, weight = teacher_noise(B, L, self.noise_gen)
         else:
-            mask, weight = student_noise(B, model.num_blocks, model.block_size, self.noise_gen)
+            mask, weight = student_noise(B, model.num_blocks, model.block_size, self.noise_gen,
+                                         masked_tail_prob=cfg.masked_tail_prob)
         loss = self.loss_module(batch, mask, weight)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
