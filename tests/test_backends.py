@@ -86,16 +86,16 @@ def test_lean_forward_equals_the_transformers_forward(backend):
             cache.commit(P + k)
             window = fwd(tokens, P + k, P + 3 * k, BLOCK_CAUSAL, use_cache=True)
             full = WindowForward(model, prefix, None)(tokens, 0, P + model.chunk_len, BIDIRECTIONAL, use_cache=False)
-        lora_grad = torch.ones(1)
+        outputs[lean] = [first.detach(), window.detach(), full.detach()]
         if trains:
             full.square().mean().backward()
-            lora_grad = next(p.grad for n, p in model.named_parameters() if "lora_B" in n).clone()
+            outputs[lean].append(next(p.grad for n, p in model.named_parameters() if "lora_B" in n).clone())
             model.zero_grad()
-        outputs[lean] = (first.detach(), window.detach(), full.detach(), lora_grad)
     use_backend(model, "sdpa")
     for fast, plain in zip(outputs[True], outputs[False]):
         assert torch.allclose(fast, plain, atol=1e-5, rtol=1e-5)
-    assert outputs[True][3].abs().sum() > 0  # the adapter is on the path
+    if trains:
+        assert outputs[True][3].abs().sum() > 0  # the adapter is on the path
 
 
 def test_lean_forward_on_a_qwen2_decoder():
