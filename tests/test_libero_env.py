@@ -199,6 +199,49 @@ def test_expert_reaches_the_grasp_waypoint_on_a_tall_bottle():
         env.close()
 
 
+def test_expert_lifts_as_soon_as_the_fingers_stop(blind_env):
+    """No run of identical frames labelled "close" before the lift: which frame of such a run
+    ends the close is invisible to a policy, and one decoding left to right held the grasp
+    for ever. One is left, the frame that shows the fingers stopped; closing for a fixed 12
+    steps left 5 on this episode."""
+    from fast_dvla.envs.libero_expert import LiberoObjectExpert
+
+    expert = LiberoObjectExpert(blind_env)
+    obs = blind_env.reset(0)
+    expert.reset(obs)
+    states, phases = [obs["state"]], []
+    while not expert.done and len(phases) < blind_env.max_steps:
+        phases.append(expert.phase)  # the phase whose command this frame is labelled with
+        obs, _, _, _ = blind_env.step(expert.act(obs))
+        states.append(obs["state"])
+    assert blind_env.success() and "lift" in phases
+    states = np.array(states[:-1])
+    moved = np.abs(np.diff(states, axis=0))
+    still = np.r_[False, (moved[:, :3].max(1) < 5e-4) & (moved[:, 6:].max(1) < 2e-4)]
+    closing = np.array([p == "close" for p in phases])
+    assert closing.sum() >= 3 and np.sum(still & closing) <= 1
+
+
+def test_expert_approaches_waypoints_without_creeping(blind_env):
+    """Far from a waypoint the command is proportional; near it, it never drops below
+    MIN_APPROACH (the OSC does not move the hand under ~0.08, so a proportional approach
+    ended in a rest labelled "keep going"); inside TOL, and when holding, it stays proportional."""
+    from fast_dvla.envs.libero_expert import MIN_APPROACH, POS_GAIN, TOL, LiberoObjectExpert
+
+    expert = LiberoObjectExpert(blind_env)
+    expert.reset(blind_env.reset(0))
+    raw = blind_env.raw_obs
+    eef = np.asarray(raw["robot0_eef_pos"])
+    far = expert._move(raw, eef + [0.0, 0.05, -0.05], -1, approach=True)
+    assert np.allclose(far[:3], [0.0, 0.05 * POS_GAIN, -0.05 * POS_GAIN], atol=1e-6)
+    near = expert._move(raw, eef + [0.004, 0.0, -0.008], -1, approach=True)
+    assert np.isclose(np.abs(near[:3]).max(), MIN_APPROACH) and near[2] == -MIN_APPROACH and near[0] > 0
+    assert np.isclose(near[0] / near[2], -0.5)  # the direction is kept
+    inside = expert._move(raw, eef + [0.0, 0.0, -TOL / 2], -1, approach=True)
+    holding = expert._move(raw, eef + [0.0, 0.0, -0.009], 1)
+    assert np.isclose(inside[2], -TOL / 2 * POS_GAIN) and np.isclose(holding[2], -0.009 * POS_GAIN)
+
+
 def test_recorder_writes_a_resumable_dataset(tmp_path):
     from fast_dvla.data import list_episodes, read_dataset_info, read_episode
     from fast_dvla.eval.record_libero_demos import main

@@ -13,10 +13,10 @@ world y. Per attempt: hover above the object, descend to a grasp height
 derived from the object's height (aiming at its origin puts the fingers into
 the table for flat boxes and onto the cap for tall bottles; a descent that
 stalls before its waypoint would make the close depend on how long it has
-stalled, which a policy cannot observe), close, lift
-until the object clears the basket rim, check that it rose with the hand
-(else open and retry), carry it over the basket (a drop on the way is also
-retried), lower, open, retreat. Object, neighbour and basket extents come
+stalled, which a policy cannot observe), close until the fingers stop on
+it, lift until the object clears the basket rim, check that it rose with the
+hand (else open and retry), carry it over the basket (a drop on the way is
+also retried), lower, open, retreat. Object, neighbour and basket extents come
 from the simulator's collision geometry, re-measured at every attempt (a
 dropped bottle may lie on its side).
 """
@@ -37,8 +37,18 @@ ROT_GAIN = 2.0           # per radian of orientation error (rotation scale 0.5 r
 # unpredictable tokens that a policy cannot be confident about, for no gain in the task.
 ROT_DEADBAND = 0.05      # radians
 TOL = 0.008              # metres: a waypoint is reached
+# While approaching a waypoint the largest position command is at least this. Under ~0.08 the
+# OSC does not move the hand at all, so a purely proportional approach ended in a creep and a
+# rest just outside TOL: frames that look the same and carry "keep going" until the stall
+# counter fires. A policy that cannot see that counter learnt to creep for ever (a student
+# decoding left to right sat above the bottle for 200 steps). 0.15 moves ~1.5 mm/step.
+MIN_APPROACH = 0.15
 STALL_STEPS = 6          # a descent that stops moving for this long has met something
-CLOSE_STEPS = 12         # the Panda gripper needs ~10 steps to close
+# The close ends once the fingers have stopped (on the object), at most CLOSE_STEPS. Waiting a
+# fixed 12 steps held ~4-6 identical frames labelled "hold" before "lift": the same ambiguity.
+CLOSE_STEPS = 12         # the Panda gripper needs ~10 steps to close on nothing
+FINGERS_STILL = 2e-4     # metres of finger travel in one step that count as stopped
+MIN_CLOSE_STEPS = 3      # the fingers take a step to start moving
 OPEN_STEPS = 10
 HOVER_ABOVE = 0.10       # hover this far above the grasp point before descending
 # Tall objects are gripped this far below their top. Deeper (4.5 cm, the finger length) put the
@@ -173,6 +183,7 @@ class LiberoObjectExpert:
     # --- control ------------------------------------------------------------------------
     def _start(self, phase: str) -> None:
         self.phase, self.phase_steps, self._last_z, self._still = phase, 0, None, 0
+        self._last_fingers = None
         self.done = phase == "finished"
 
     def _retry(self) -> None:
@@ -182,10 +193,16 @@ class LiberoObjectExpert:
         else:
             self._start("reopen")
 
-    def _move(self, raw, target, gripper: float) -> np.ndarray:
+    def _move(self, raw, target, gripper: float, approach: bool = False) -> np.ndarray:
+        """Proportional command towards ``target``; ``approach``: at least MIN_APPROACH until within TOL."""
         eef = raw["robot0_eef_pos"]
         action = np.zeros(7)
-        action[:3] = np.clip((np.asarray(target) - eef) * POS_GAIN, -1, 1)
+        err = np.asarray(target) - eef
+        command = err * POS_GAIN
+        largest = np.abs(command).max()
+        if approach and np.linalg.norm(err) >= TOL and 0 < largest < MIN_APPROACH:
+            command *= MIN_APPROACH / largest
+        action[:3] = np.clip(command, -1, 1)
         rot_err = orientation_error(self.quat0, raw["robot0_eef_quat"])
         if np.linalg.norm(rot_err) > ROT_DEADBAND:
             action[3:6] = np.clip(rot_err * ROT_GAIN, -1, 1)
@@ -199,6 +216,11 @@ class LiberoObjectExpert:
             self._still = 0
         self._last_z = z
         return self._still >= STALL_STEPS
+
+    def _fingers_stopped(self, raw) -> bool:
+        fingers = np.asarray(raw["robot0_gripper_qpos"], dtype=np.float64)
+        last, self._last_fingers = self._last_fingers, fingers
+        return last is not None and float(np.abs(fingers - last).max()) < FINGERS_STILL
 
     def _timed_out(self) -> bool:
         return self.phase_steps > PHASE_LIMIT.get(self.phase, 10 ** 9)
@@ -221,15 +243,16 @@ class LiberoObjectExpert:
             target = [gx, obj[1], grasp_z + HOVER_ABOVE]
             if near(target) or self._timed_out():
                 self._start("descend")
-            return self._move(raw, target, -1)
+            return self._move(raw, target, -1, approach=True)
         if p == "descend":
             target = [gx, obj[1], grasp_z]
             if near(target) or self._stalled(eef[2]) or self._timed_out():
                 self._start("close")
                 self._grasp_obj_z = obj[2]
-            return self._move(raw, target, -1)
+            return self._move(raw, target, -1, approach=True)
         if p == "close":
-            if self.phase_steps >= CLOSE_STEPS:
+            stopped = self._fingers_stopped(raw)
+            if (stopped and self.phase_steps >= MIN_CLOSE_STEPS) or self.phase_steps >= CLOSE_STEPS:
                 self._start("lift")
                 self._hold_offset = eef[2] - obj[2]  # hand above object while it is held
             return self._move(raw, [gx, obj[1], grasp_z], 1)
@@ -241,7 +264,7 @@ class LiberoObjectExpert:
                 return self._move(raw, eef, -1)
             if near(target) or self._timed_out():
                 self._start("carry")
-            return self._move(raw, target, 1)
+            return self._move(raw, target, 1, approach=True)
         if p == "reopen":  # open and back off upwards before the next attempt
             if self.phase_steps >= OPEN_STEPS:
                 self._plan_grasp()  # where the object lies now
@@ -254,12 +277,12 @@ class LiberoObjectExpert:
             target = [basket[0], basket[1], carry_z]
             if np.linalg.norm((target - eef)[:2]) < 0.01 or self._timed_out():
                 self._start("lower")
-            return self._move(raw, target, 1)
+            return self._move(raw, target, 1, approach=True)
         if p == "lower":
             target = [basket[0], basket[1], carry_z - RIM_CLEARANCE + 0.02]
             if near(target) or self._stalled(eef[2]) or self._timed_out():
                 self._start("release")
-            return self._move(raw, target, 1)
+            return self._move(raw, target, 1, approach=True)
         if p == "release":
             if self.phase_steps >= OPEN_STEPS:
                 self._start("retreat")
@@ -268,7 +291,7 @@ class LiberoObjectExpert:
             target = [eef[0], eef[1], carry_z + 0.05]
             if near(target) or self._timed_out():
                 self._start("finished")
-            return self._move(raw, target, -1)
+            return self._move(raw, target, -1, approach=True)
         if p == "idle":
             raise RuntimeError("call expert.reset(obs) after env.reset() before act()")
         return self._move(raw, eef, -1)  # finished: hold still, open
