@@ -1,0 +1,137 @@
+"""Does your data suit a block-causal student? Decode the *teacher* left to right.
+
+    python -m fast_dvla.eval.decode_order --tasks all --init-states 15-16 --shard 0/2 --out outputs/order
+    python -m fast_dvla.eval.decode_order --merge "outputs/order.shard*.json" --out outputs/order
+
+A block-causal student must decode a chunk in time order: each step's tokens
+are committed before it may see a later step's. A bidirectional teacher
+decoding the whole chunk at once commits its most confident tokens first,
+often later steps. This runs the same teacher both ways in closed loop
+(``all_at_once``: its vanilla decoding; ``left_to_right``: block by block,
+still bidirectional and uncached, the pipelined engine with ``tau_add =
+tau_act = 1``). A gap between the two is a gap no student can close by
+distillation: it comes from the data, e.g. a phase change whose timing the
+observation does not show (the student postpones it for ever under greedy
+decoding).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from fast_dvla import DecodeConfig, FastDVLAPolicy
+from fast_dvla.decoding.common import WindowForward
+from fast_dvla.decoding.pipelined import decode_pipelined
+from fast_dvla.masks import BIDIRECTIONAL
+
+from .bench_libero import run_episode
+from .micro_bench import reference_checkpoint
+from .record_libero_demos import parse_range
+from .report import markdown_table, write_json
+
+ORDERS = ("all_at_once", "left_to_right")
+
+
+def decode_left_to_right(model, prefix: torch.Tensor, config: DecodeConfig, trace: list | None = None):
+    """Block diffusion's order (one block at a time, ``config``'s commit rule) under the
+    model's bidirectional attention, every forward uncached over the whole sequence."""
+    forward = WindowForward(model, prefix, None)
+    forward.mask_kind_override = BIDIRECTIONAL  # the teacher's own attention: only the order changes
+    return decode_pipelined(model, prefix, config.replace(method="block_diffusion", use_cache=False),
+                            trace=trace, _forward=forward)
+
+
+class LeftToRightPolicy(FastDVLAPolicy):
+    """A bidirectional policy whose chunks are decoded one block (time step) after another."""
+
+    @torch.no_grad()
+    def predict_action_chunk(self, obs: dict, decode_config: DecodeConfig | None = None) -> np.ndarray:
+        inputs, single = self.processor(obs, self.device)
+        prefix = self.model.embed_prefix(inputs["images"], inputs["instr_ids"], inputs["state"])
+        result = decode_left_to_right(self.model, prefix, decode_config or self.decode_config)
+        self.last_stats = result.stats
+        cfg = self.model.config
+        tokens = result.tokens.view(-1, cfg.horizon, cfg.action_dim).cpu().numpy()
+        actions = self.action_tokenizer.decode(tokens).astype(np.float32)
+        return actions[0] if single else actions
+
+
+def run(args) -> dict:
+    from fast_dvla.envs.libero_env import LiberoTaskEnv, num_tasks
+
+    path = args.policy or reference_checkpoint("teacher")
+    policies = {"all_at_once": FastDVLAPolicy.from_pretrained(path),
+                "left_to_right": LeftToRightPolicy.from_pretrained(path)}
+    configs = {"all_at_once": DecodeConfig(method="vanilla"), "left_to_right": DecodeConfig(tau_conf=args.tau_conf)}
+    tasks = list(range(num_tasks(args.suite))) if args.tasks == "all" else parse_range(args.tasks)
+    shard, shards = (int(x) for x in args.shard.split("/"))
+    jobs = [(t, i) for t in tasks for i in parse_range(args.init_states)][shard::shards]
+    cfg = policies["all_at_once"].model.config
+    episodes = {o: [] for o in ORDERS}
+    bar = tqdm(total=len(jobs) * len(ORDERS), desc="teacher, both decoding orders")
+    for task in sorted({t for t, _ in jobs}):
+        env = LiberoTaskEnv(args.suite, task, image_size=cfg.image_size, cameras=cfg.cameras)
+        for _, init in [j for j in jobs if j[0] == task]:
+            for order in ORDERS:
+                r = run_episode(env, policies[order], configs[order], init, None, env.max_steps)
+                episodes[order].append({"task": task, "init": init, "success": r["success"], "steps": r["steps"],
+                                        "nfe": float(np.mean(r["nfe"]))})
+                bar.update(1)
+        env.close()
+    bar.close()
+    return {"policy": path, "suite": args.suite, "shard": args.shard, "episodes": episodes}
+
+
+COLUMNS = [("order", "decoding order", ""), ("successes", "successes", "d"), ("episodes", "episodes", "d"),
+           ("success", "success", ".0%"), ("nfe", "NFE per chunk", ".1f")]
+
+
+def summary_rows(result: dict) -> list[dict]:
+    return [{"order": order, "episodes": len(eps), "successes": sum(e["success"] for e in eps),
+             "success": float(np.mean([e["success"] for e in eps])), "nfe": float(np.mean([e["nfe"] for e in eps]))}
+            for order, eps in result["episodes"].items() if eps]
+
+
+def merge(results: list[dict]) -> dict:
+    merged = dict(results[0], shard=None)
+    merged["episodes"] = {o: [e for r in results for e in r["episodes"][o]] for o in ORDERS}
+    return merged
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--policy", help="a bidirectional teacher (default: the shipped reference teacher)")
+    p.add_argument("--suite", default="libero_object")
+    p.add_argument("--tasks", default="all")
+    p.add_argument("--init-states", default="15-16")
+    p.add_argument("--tau-conf", type=float, default=0.5, help="left to right: the commit threshold")
+    p.add_argument("--shard", default="0/1", help="i/n: every n-th episode from the i-th")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--merge", nargs="+", help="merge shard JSON files instead of running")
+    p.add_argument("--out", default="outputs/decode_order")
+    args = p.parse_args(argv)
+    if args.merge:
+        files = sorted({f for pattern in args.merge for f in glob.glob(pattern)})
+        if not files:
+            raise SystemExit(f"no shard files match {args.merge}")
+        result = merge([json.load(open(f)) for f in files])
+        out = args.out
+    else:
+        torch.set_num_threads(args.threads)
+        result = run(args)
+        out = args.out if args.shard == "0/1" else f"{args.out}.shard{args.shard.split('/')[0]}"
+    write_json(out + ".json", result)
+    table = markdown_table(summary_rows(result), COLUMNS)
+    with open(out + ".md", "w") as f:
+        f.write(f"Teacher `{result['policy']}` decoded all at once and left to right, same episodes.\n\n{table}\n")
+    print(table)
+    return result
+
+
+if __name__ == "__main__":
+    main()
