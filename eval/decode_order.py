@@ -49,16 +49,8 @@ def decode_left_to_right(model, prefix: torch.Tensor, config: DecodeConfig, trac
 class LeftToRightPolicy(FastDVLAPolicy):
     """A bidirectional policy whose chunks are decoded one block (time step) after another."""
 
-    @torch.no_grad()
-    def predict_action_chunk(self, obs: dict, decode_config: DecodeConfig | None = None) -> np.ndarray:
-        inputs, single = self.processor(obs, self.device)
-        prefix = self.model.embed_prefix(inputs["images"], inputs["instr_ids"], inputs["state"])
-        result = decode_left_to_right(self.model, prefix, decode_config or self.decode_config)
-        self.last_stats = result.stats
-        cfg = self.model.config
-        tokens = result.tokens.view(-1, cfg.horizon, cfg.action_dim).cpu().numpy()
-        actions = self.action_tokenizer.decode(tokens).astype(np.float32)
-        return actions[0] if single else actions
+    def decode_prefix(self, prefix: torch.Tensor, config: DecodeConfig):
+        return decode_left_to_right(self.model, prefix, config)
 
 
 def run(args) -> dict:

@@ -57,12 +57,16 @@ class FastDVLAPolicy:
     def predict_action_chunk(self, obs: dict, decode_config: DecodeConfig | None = None) -> np.ndarray:
         inputs, single = self.processor(obs, self.device)
         prefix = self.model.embed_prefix(inputs["images"], inputs["instr_ids"], inputs["state"])
-        result = decode(self.model, prefix, decode_config or self.decode_config)
+        result = self.decode_prefix(prefix, decode_config or self.decode_config)
         self.last_stats = result.stats
         cfg = self.model.config
         tokens = result.tokens.view(-1, cfg.horizon, cfg.action_dim).cpu().numpy()
         actions = self.action_tokenizer.decode(tokens).astype(np.float32)
         return actions[0] if single else actions
+
+    def decode_prefix(self, prefix: torch.Tensor, config: DecodeConfig):
+        """One chunk of tokens from the prefix embeddings (a subclass may decode otherwise)."""
+        return decode(self.model, prefix, config)
 
     def select_action(self, obs: dict) -> np.ndarray:
         if not self._queue:
