@@ -40,8 +40,9 @@ TOL = 0.008              # metres: a waypoint is reached
 # While approaching a waypoint the largest position command is at least this. Under ~0.08 the
 # OSC does not move the hand at all, so a purely proportional approach ended in a creep and a
 # rest just outside TOL: frames that look the same and carry "keep going" until the stall
-# counter fires. A policy that cannot see that counter learnt to creep for ever (a student
-# decoding left to right sat above the bottle for 200 steps). 0.15 moves ~1.5 mm/step.
+# counter fires. A policy that cannot see that counter learnt to creep for ever (the teacher,
+# decoded left to right, sat above a bottle for 200 steps commanding -0.07). At 0.15 the hand
+# keeps moving until the waypoint is reached.
 MIN_APPROACH = 0.15
 STALL_STEPS = 6          # a descent that stops moving for this long has met something
 # The close ends once the fingers have stopped (on the object), at most CLOSE_STEPS. Waiting a
