@@ -227,16 +227,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="outputs/bench_libero", help="path stem for .json, .md and .png")
 
 
+def read_shards(patterns: list[str]) -> list[dict]:
+    """The shard JSON files matching any of ``patterns`` (globs), each read once, in name order."""
+    files = sorted({f for pattern in patterns for f in glob.glob(pattern)})
+    if not files:
+        raise SystemExit(f"no shard files match {patterns}")
+    results = []
+    for f in files:
+        with open(f) as fh:
+            results.append(json.load(fh))
+    return results
+
+
+def shard_stem(out: str, shard: str) -> str:
+    """Where shard ``i/n`` writes: ``out`` itself when there is one shard, else ``out.shard<i>``."""
+    return out if shard == "0/1" else f"{out}.shard{shard.split('/')[0]}"
+
+
 def main(args) -> None:
     if args.merge:
-        files = sorted({f for pattern in args.merge for f in glob.glob(pattern)})
-        if not files:
-            raise SystemExit(f"no shard files match {args.merge}")
-        results = []
-        for f in files:
-            with open(f) as fh:
-                results.append(json.load(fh))
-        report(merge(results), args.out)
+        report(merge(read_shards(args.merge)), args.out)
         return
     if args.threads is not None:
         if args.threads < 1:
@@ -245,8 +255,7 @@ def main(args) -> None:
     if args.shard is None:
         args.shard = f"{os.environ.get('RANK', '0')}/{os.environ.get('WORLD_SIZE', '1')}"
     result = run(args)
-    out = args.out if args.shard == "0/1" else f"{args.out}.shard{args.shard.split('/')[0]}"
-    report(result, out)
+    report(result, shard_stem(args.out, args.shard))
 
 
 if __name__ == "__main__":

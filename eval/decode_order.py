@@ -19,8 +19,6 @@ its student 12/20).
 from __future__ import annotations
 
 import argparse
-import glob
-import json
 
 import numpy as np
 import torch
@@ -31,7 +29,7 @@ from fast_dvla.decoding.common import WindowForward
 from fast_dvla.decoding.pipelined import decode_pipelined
 from fast_dvla.masks import BIDIRECTIONAL
 
-from .bench_libero import run_episode
+from .bench_libero import read_shards, run_episode, shard_stem
 from .micro_bench import reference_checkpoint
 from .record_libero_demos import parse_range
 from .report import markdown_table, write_json
@@ -110,15 +108,12 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default="outputs/decode_order")
     args = p.parse_args(argv)
     if args.merge:
-        files = sorted({f for pattern in args.merge for f in glob.glob(pattern)})
-        if not files:
-            raise SystemExit(f"no shard files match {args.merge}")
-        result = merge([json.load(open(f)) for f in files])
+        result = merge(read_shards(args.merge))
         out = args.out
     else:
         torch.set_num_threads(args.threads)
         result = run(args)
-        out = args.out if args.shard == "0/1" else f"{args.out}.shard{args.shard.split('/')[0]}"
+        out = shard_stem(args.out, args.shard)
     write_json(out + ".json", result)
     table = markdown_table(summary_rows(result), COLUMNS)
     with open(out + ".md", "w") as f:
