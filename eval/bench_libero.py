@@ -33,7 +33,7 @@ from .micro_bench import reference_checkpoint as default_checkpoint
 from .record_libero_demos import parse_range
 from .report import markdown_table, write_json
 from .throughput import COLUMNS as SPEED_COLUMNS
-from .throughput import measure, policy_for, process_peak_rss_mb
+from .throughput import measure, policy_configs, policy_for, process_peak_rss_mb
 
 
 def run_episode(env, policy: FastDVLAPolicy, config: DecodeConfig, init: int, keep_obs: list | None,
@@ -66,13 +66,14 @@ def run_episode(env, policy: FastDVLAPolicy, config: DecodeConfig, init: int, ke
     return {"success": success, "steps": steps, "chunk_latency_s": latencies, "nfe": nfe, "query_tokens": query}
 
 
-def token_agreement(teacher, student, observations, base: DecodeConfig, methods) -> dict:
+def token_agreement(teacher, student, observations, configs: dict, methods) -> dict:
     """Fraction of action tokens each decoder shares with the teacher's vanilla decoding."""
     out = {}
-    ref = [teacher_tokens(teacher, o, base.replace(method="vanilla")) for o in observations]
+    vanilla = configs.get("vanilla") or teacher.decode_config.replace(method="vanilla")
+    ref = [teacher_tokens(teacher, o, vanilla) for o in observations]
     for m in methods:
         policy = policy_for(m, teacher, student)
-        same = [np.mean(teacher_tokens(policy, o, base.replace(method=m)) == r) for o, r in zip(observations, ref)]
+        same = [np.mean(teacher_tokens(policy, o, configs[m]) == r) for o, r in zip(observations, ref)]
         out[m] = float(np.mean(same))
     return out
 
@@ -87,12 +88,15 @@ def run(args) -> dict:
 
     teacher = FastDVLAPolicy.from_pretrained(args.teacher or default_checkpoint("teacher"))
     student = FastDVLAPolicy.from_pretrained(args.student or default_checkpoint("student"))
-    base = DecodeConfig(tau_conf=args.tau_conf, tau_add=args.tau_add, tau_act=args.tau_act,
-                        vanilla_steps=args.vanilla_steps)
     methods = [m for m in args.decoders.split(",")]
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise SystemExit(f"unknown decoders {sorted(unknown)}; expected some of {METHODS}")
+    try:
+        configs = policy_configs(methods, teacher, student, tau_conf=args.tau_conf, tau_add=args.tau_add,
+                                 tau_act=args.tau_act, vanilla_steps=args.vanilla_steps)
+    except ValueError as e:
+        raise SystemExit(f"bad decoding settings: {e}")
     tasks = list(range(num_tasks(args.suite))) if args.tasks == "all" else parse_range(args.tasks)
     inits = parse_range(args.init_states)
     shard, shards = (int(x) for x in args.shard.split("/"))
@@ -107,7 +111,7 @@ def run(args) -> dict:
         for _, init in [j for j in jobs if j[0] == task]:
             for m in methods:
                 keep = observations if (m == methods[0] and len(observations) < args.timing_obs) else None
-                result = run_episode(env, policy_for(m, teacher, student), base.replace(method=m), init, keep,
+                result = run_episode(env, policy_for(m, teacher, student), configs[m], init, keep,
                                      args.max_steps or env.max_steps)
                 result.update(task=task, init=init)
                 episodes[m].append(result)
@@ -115,13 +119,13 @@ def run(args) -> dict:
                 bar.set_postfix({k[:6]: f"{np.mean([e['success'] for e in v]):.2f}" for k, v in episodes.items() if v})
         env.close()
     bar.close()
-    result = {"suite": args.suite, "decode": base.to_dict(), "date": datetime.date.today().isoformat(),
+    result = {"suite": args.suite, "decode": {m: c.to_dict() for m, c in configs.items()}, "date": datetime.date.today().isoformat(),
               "machine": platform.machine(), "torch_threads": torch.get_num_threads(),
               "teacher": args.teacher or "shipped reference", "student": args.student or "shipped reference",
               "shard": args.shard, "episodes": episodes}
     if shard == 0 and observations:  # speed is measured in one process, on the same observations
-        result["throughput"] = measure(teacher, student, observations, base, methods, warmup=2)
-        result["agreement"] = token_agreement(teacher, student, observations[: args.agreement_obs], base, methods)
+        result["throughput"] = measure(teacher, student, observations, configs, methods, warmup=2)
+        result["agreement"] = token_agreement(teacher, student, observations[: args.agreement_obs], configs, methods)
         result["timing_observations"] = len(observations)
     result["peak_rss_mb"] = process_peak_rss_mb()
     return result
@@ -187,11 +191,20 @@ def plot(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+def settings_text(decode: dict) -> str:
+    """The thresholds each decoder ran with (older results hold one setting for all)."""
+    keys = ("tau_conf", "tau_add", "tau_act", "fallback_n", "vanilla_steps")
+    per_method = decode if all(isinstance(v, dict) for v in decode.values()) else {"every decoder": decode}
+    return "; ".join(f"{m}: " + ", ".join(f"{k}={c[k]}" for k in keys if k in c) for m, c in per_method.items())
+
+
 def report(result: dict, out: str) -> None:
     rows = table_rows(result)
     header = (f"# LIBERO ({result['suite']}) decoders side by side ({result['date']}, {result['machine']}, "
               f"{result['torch_threads']} torch threads)\n\nspeed measured on {result.get('timing_observations', 0)} "
               f"observations from the run; success over each decoder's closed-loop episodes")
+    if result.get("decode"):
+        header += f"\n\ndecoding settings: {settings_text(result['decode'])}"
     table = markdown_table(rows, COLUMNS)
     per_task = per_task_rows(result)
     if len(per_task) > 1:
@@ -217,10 +230,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, default=None, help="default: the suite's usual limit")
     p.add_argument("--timing-obs", type=int, default=24, help="observations kept for the throughput phase")
     p.add_argument("--agreement-obs", type=int, default=12)
-    p.add_argument("--tau-conf", type=float, default=0.5)
-    p.add_argument("--tau-add", type=float, default=0.5)
-    p.add_argument("--tau-act", type=float, default=0.7)
-    p.add_argument("--vanilla-steps", type=int, default=12)
+    # unset: each decoder runs with the settings saved in its policy's config.json
+    p.add_argument("--tau-conf", type=float, default=None, help="confidence threshold for every decoder "
+                   "(default: each policy's own; the shipped student's was tuned for it)")
+    p.add_argument("--tau-add", type=float, default=None, help="default: the student's own")
+    p.add_argument("--tau-act", type=float, default=None, help="default: the student's own")
+    p.add_argument("--vanilla-steps", type=int, default=None, help="default: the teacher's own")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own, one per core)")
     p.add_argument("--shard", default=None, help="i/n: run every n-th episode from the i-th (default: torchrun rank)")
     p.add_argument("--merge", nargs="+", help="merge shard JSON files instead of running")

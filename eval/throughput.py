@@ -23,14 +23,24 @@ def policy_for(method: str, teacher: FastDVLAPolicy, student: FastDVLAPolicy) ->
     return teacher if method in TEACHER_METHODS else student
 
 
-def measure(teacher: FastDVLAPolicy, student: FastDVLAPolicy, observations: list[dict], base: DecodeConfig,
-            methods=METHODS, warmup: int = 2, repeats: int = 1, progress: bool = True) -> list[dict]:
+def policy_configs(methods, teacher: FastDVLAPolicy, student: FastDVLAPolicy, **overrides) -> dict:
+    """``{method: DecodeConfig}``: each decoder with the settings saved in the policy that runs it
+    (its ``config.json``: a student carries the thresholds tuned for it), then ``overrides``
+    (``tau_conf=...``; ``None`` values are ignored) on top."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return {m: policy_for(m, teacher, student).decode_config.replace(method=m, **given) for m in methods}
+
+
+def measure(teacher: FastDVLAPolicy, student: FastDVLAPolicy, observations: list[dict],
+            base: DecodeConfig | dict, methods=METHODS, warmup: int = 2, repeats: int = 1,
+            progress: bool = True) -> list[dict]:
     """One row per decoder: NFE and query tokens per chunk (means), latency
-    median/p90, action tokens/s, chunk Hz, action Hz, speedup over vanilla."""
+    median/p90, action tokens/s, chunk Hz, action Hz, speedup over vanilla.
+    ``base``: one DecodeConfig for every decoder, or ``{method: DecodeConfig}``."""
     if not observations:
         raise ValueError("need at least one observation to time")
     device = teacher.device
-    configs = {m: base.replace(method=m) for m in methods}
+    configs = dict(base) if isinstance(base, dict) else {m: base.replace(method=m) for m in methods}
     for m in methods:  # warm-up: first calls pay for allocation and lazy init
         for _ in range(warmup):
             policy_for(m, teacher, student).predict_action_chunk(observations[0], configs[m])

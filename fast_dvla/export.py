@@ -1,5 +1,7 @@
 """``fast-dvla export``: copy a trained policy directory, optionally storing
-its weights in half precision (how the shipped reference models are made)."""
+its weights in half precision (how the shipped reference models are made),
+and the decoding thresholds tuned for it (saved in its config.json, where
+``from_pretrained`` and the benchmarks read them)."""
 from __future__ import annotations
 
 import argparse
@@ -15,9 +17,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", required=True, help="trained policy directory (e.g. runs/<run>/policy)")
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float16")
+    for name in THRESHOLDS:
+        p.add_argument(f"--{name.replace('_', '-')}", type=float, default=None,
+                       help=f"decoding {name} to save with the policy (default: keep the policy's)")
+
+
+THRESHOLDS = ("tau_conf", "tau_add", "tau_act")
 
 
 def main(args) -> None:
     policy = FastDVLAPolicy.from_pretrained(args.policy)
+    changes = {k: getattr(args, k) for k in THRESHOLDS if getattr(args, k, None) is not None}
+    try:
+        policy.decode_config = policy.decode_config.replace(**changes)
+    except ValueError as e:
+        raise SystemExit(f"bad decoding settings: {e}")
     policy.save_pretrained(args.out, dtype=DTYPES[args.dtype])
-    print(f"wrote {args.out} ({args.dtype} weights)")
+    settings = ", ".join(f"{k}={getattr(policy.decode_config, k)}" for k in THRESHOLDS)
+    print(f"wrote {args.out} ({args.dtype} weights; {policy.decode_config.method} decoding, {settings})")

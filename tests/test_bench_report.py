@@ -1,6 +1,8 @@
 """Merging benchmark shards and the comparison table (no simulator needed)."""
 import json
 
+import numpy as np
+
 from fast_dvla.eval.bench_libero import merge, report, table_rows
 
 
@@ -28,3 +30,35 @@ def test_merge_keeps_every_episode_and_one_speed_measurement(tmp_path):
     assert "| fast_dvla | 4 | 75% | 90% |" in table
     # per task: shard 1 is task 1 (1 of 2 succeeded), shard 0 task 0 (2 of 2)
     assert "| task | vanilla | fast_dvla |" in table and "| 0 | 2/2 | 2/2 |" in table and "| 1 | 1/2 | 1/2 |" in table
+
+
+def test_each_decoder_runs_with_its_policys_saved_settings_unless_overridden():
+    from fast_dvla import DecodeConfig, FastDVLAPolicy
+    from fast_dvla.eval.throughput import policy_configs
+    from fast_dvla.tokenizer import ActionTokenizer
+
+    from helpers import tiny_model
+
+    def policy(config):
+        model = tiny_model()
+        tok = ActionTokenizer(np.full(model.config.action_dim, -1.0), np.ones(model.config.action_dim),
+                              model.config.n_bins)
+        return FastDVLAPolicy(model, tok, decode_config=config)
+
+    teacher = policy(DecodeConfig(method="vanilla", tau_conf=0.5, vanilla_steps=10))
+    student = policy(DecodeConfig(method="fast_dvla", tau_conf=0.2, tau_act=0.6))
+    configs = policy_configs(["vanilla", "fast_dllm", "block_diffusion", "fast_dvla"], teacher, student)
+    assert {m: c.method for m, c in configs.items()} == {m: m for m in configs}
+    assert configs["fast_dllm"].tau_conf == 0.5 and configs["vanilla"].vanilla_steps == 10
+    assert configs["fast_dvla"].tau_conf == 0.2 and configs["block_diffusion"].tau_act == 0.6
+    forced = policy_configs(["vanilla", "fast_dvla"], teacher, student, tau_conf=0.7, tau_act=None)
+    assert forced["fast_dvla"].tau_conf == 0.7 == forced["vanilla"].tau_conf and forced["fast_dvla"].tau_act == 0.6
+
+
+def test_report_names_the_settings_each_decoder_ran_with(tmp_path):
+    result = shard(0, [True], True)
+    result["decode"] = {"vanilla": {"tau_conf": 0.5, "vanilla_steps": 12},
+                        "fast_dvla": {"tau_conf": 0.2, "tau_add": 0.5, "tau_act": 0.7, "fallback_n": 2}}
+    report(result, str(tmp_path / "r"))
+    text = (tmp_path / "r.md").read_text()
+    assert "vanilla: tau_conf=0.5, vanilla_steps=12; fast_dvla: tau_conf=0.2, tau_add=0.5" in text

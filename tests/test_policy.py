@@ -50,6 +50,18 @@ def test_select_action_serves_a_queue():
     assert batch.select_action(obs(batch=2)).shape == (2, 7)
 
 
+def test_export_saves_the_thresholds_tuned_for_a_policy(tmp_path):
+    from fast_dvla.cli import main as cli
+
+    make_policy(decode_config=DecodeConfig(method="fast_dvla", tau_conf=0.5)).save_pretrained(tmp_path / "run")
+    cli(["export", "--policy", str(tmp_path / "run"), "--out", str(tmp_path / "out"), "--tau-conf", "0.2"])
+    exported = FastDVLAPolicy.from_pretrained(str(tmp_path / "out"))
+    assert exported.decode_config == DecodeConfig(method="fast_dvla", tau_conf=0.2)
+    assert exported.model.action_embed.weight.dtype == torch.float32  # stored half, loaded in the model's dtype
+    with pytest.raises(SystemExit, match="tau_conf"):
+        cli(["export", "--policy", str(tmp_path / "run"), "--out", str(tmp_path / "bad"), "--tau-conf", "1.5"])
+
+
 def test_save_and_load_round_trip(tmp_path):
     policy = make_policy(decode_config=DecodeConfig(tau_conf=0.4), n_action_steps=2)
     policy.save_pretrained(tmp_path / "ckpt")
