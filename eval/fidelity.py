@@ -12,6 +12,11 @@ Per dimension: exact-token accuracy, mean absolute error in action units
 ([-1, 1]) and, for the tokenizer's gripper dimensions, the share of steps whose sign is wrong.
 ``--policy`` is a policy directory or a training run directory (its latest
 checkpoint, exported in memory as the run would export it).
+
+``--tau-conf 0.5,0.3,0.2`` repeats the measurement at each confidence
+threshold, with NFE and query tokens per chunk beside the accuracy: the
+open-loop side of choosing a threshold (a closed-loop check with ``fast-dvla
+bench libero --tau-conf T`` decides).
 """
 from __future__ import annotations
 
@@ -49,24 +54,31 @@ def sample_frames(root: str, n: int, horizon: int, seed: int) -> list[tuple[dict
     return frames
 
 
-def measure(policy: FastDVLAPolicy, frames, method: str, progress: bool = True) -> dict:
+def measure(policy: FastDVLAPolicy, frames, method: str, progress: bool = True, tau_conf: float | None = None) -> dict:
+    """``tau_conf``: decode with this threshold instead of the policy's own."""
     tok = policy.action_tokenizer
-    config = policy.decode_config.replace(method=method)
+    config = policy.decode_config.replace(method=method, **({} if tau_conf is None else {"tau_conf": tau_conf}))
     grip = list(tok.gripper_dims)
-    hits, errors, grip_wrong = [], [], []
-    for obs, demo in tqdm(frames, desc=f"fidelity {method}", disable=not progress):
+    hits, errors, grip_wrong, nfe, query = [], [], [], [], []
+    for obs, demo in tqdm(frames, desc=f"fidelity {method} tau_conf={config.tau_conf}", disable=not progress):
         pred = policy.predict_action_chunk(obs, config)
+        nfe.append(policy.last_stats.nfe)
+        query.append(policy.last_stats.query_tokens)
         hits.append(tok.encode(pred) == tok.encode(demo))
         errors.append(np.abs(pred - demo))
         grip_wrong.append(np.sign(pred[:, grip]) != np.sign(demo[:, grip]))
     hits, errors = np.concatenate(hits), np.concatenate(errors)
-    return {"method": method, "frames": len(frames), "token_accuracy": float(hits.mean()),
+    return {"method": method, "tau_conf": config.tau_conf, "frames": len(frames),
+            "nfe": float(np.mean(nfe)), "query_tokens": float(np.mean(query)),
+            "token_accuracy": float(hits.mean()),
             "token_accuracy_per_dim": hits.mean(0).round(4).tolist(),
             "mae_per_dim": errors.mean(0).round(4).tolist(), "position_mae": float(errors[:, :3].mean()),
             "gripper_wrong": float(np.mean(grip_wrong)) if tok.gripper_dims else None}
 
 
-COLUMNS = [("method", "decoder", "s"), ("frames", "frames", "d"), ("token_accuracy", "token acc", ".3f"),
+COLUMNS = [("method", "decoder", "s"), ("tau_conf", "tau_conf", "g"), ("frames", "frames", "d"),
+           ("nfe", "NFE/chunk", ".2f"), ("query_tokens", "query tokens/chunk", ".0f"),
+           ("token_accuracy", "token acc", ".3f"),
            ("acc_xyz", "token acc x/y/z", "s"), ("mae_xyz", "MAE x/y/z", "s"),
            ("gripper_wrong", "gripper wrong", ".3f")]
 
@@ -87,6 +99,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", type=int, default=200)
     p.add_argument("--decoders", default=None,
                    help=f"comma-separated, of {', '.join(METHODS)} (default: the policy's own)")
+    p.add_argument("--tau-conf", default=None, help="comma-separated confidence thresholds to compare "
+                   "(default: the policy's own)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write OUT.json and OUT.md")
 
@@ -99,9 +113,15 @@ def main(args) -> None:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"unknown decoders {unknown}; expected some of {METHODS}")
+    try:
+        taus = [None] if args.tau_conf is None else [float(t) for t in args.tau_conf.split(",")]
+        for t in taus:  # out-of-range thresholds fail here, before any frame is decoded
+            policy.decode_config.replace(**({} if t is None else {"tau_conf": t}))
+    except ValueError as e:
+        raise SystemExit(f"bad --tau-conf {args.tau_conf!r}: {e}")
     frames = sample_frames(args.data, args.frames, policy.model.config.horizon, args.seed)
     result = {"policy": args.policy, "data": args.data, "frames": len(frames), "seed": args.seed,
-              "rows": [measure(policy, frames, m) for m in methods]}
+              "rows": [measure(policy, frames, m, tau_conf=t) for m in methods for t in taus]}
     text = to_markdown(result)
     print(text)
     if args.out:

@@ -126,8 +126,26 @@ def test_fidelity_scores_the_trained_teacher_above_an_untrained_one(teacher, syn
                                     model=dict(TINY), steps=1), progress=False).policy()
     baseline = fidelity.measure(untrained, frames, "vanilla", progress=False)
     assert trained["token_accuracy"] > 0.4 > baseline["token_accuracy"] + 0.2, (trained, baseline)
-    assert "| vanilla | 30 |" in fidelity.to_markdown({"policy": path, "data": synthetic, "frames": 30, "seed": 0,
+    assert "| vanilla | 0.5 | 30 | 12.00 |" in fidelity.to_markdown({"policy": path, "data": synthetic, "frames": 30, "seed": 0,
                                                        "rows": [trained]})
+
+
+def test_fidelity_sweeps_the_confidence_threshold(teacher, synthetic, tmp_path):
+    import argparse
+    import json
+
+    from fast_dvla.eval import fidelity
+    _, path = teacher
+    p = argparse.ArgumentParser()
+    fidelity.add_arguments(p)
+    out = str(tmp_path / "sweep")
+    fidelity.main(p.parse_args(["--policy", path, "--data", synthetic, "--frames", "12", "--decoders",
+                                "fast_dvla", "--tau-conf", "0.95,0.05", "--out", out]))
+    strict, loose = json.loads(open(out + ".json").read())["rows"]
+    assert (strict["tau_conf"], loose["tau_conf"]) == (0.95, 0.05)
+    assert loose["nfe"] < strict["nfe"] and loose["query_tokens"] < strict["query_tokens"]
+    with pytest.raises(SystemExit, match="tau-conf"):
+        fidelity.main(p.parse_args(["--policy", path, "--data", synthetic, "--tau-conf", "0.5,2"]))
 
 
 def test_finetuning_starts_from_the_given_policy_and_can_drop_state_entries(teacher, synthetic, tmp_path):
