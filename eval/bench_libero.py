@@ -119,8 +119,8 @@ def run(args) -> dict:
                 bar.set_postfix({k[:6]: f"{np.mean([e['success'] for e in v]):.2f}" for k, v in episodes.items() if v})
         env.close()
     bar.close()
-    result = {"suite": args.suite, "decode": {m: c.to_dict() for m, c in configs.items()}, "date": datetime.date.today().isoformat(),
-              "machine": platform.machine(), "torch_threads": torch.get_num_threads(),
+    result = {"suite": args.suite, "decode": {m: c.to_dict() for m, c in configs.items()},
+              "date": datetime.date.today().isoformat(), "machine": platform.machine(), "torch_threads": torch.get_num_threads(),
               "teacher": args.teacher or "shipped reference", "student": args.student or "shipped reference",
               "shard": args.shard, "episodes": episodes}
     if shard == 0 and observations:  # speed is measured in one process, on the same observations
@@ -232,7 +232,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--agreement-obs", type=int, default=12)
     # unset: each decoder runs with the settings saved in its policy's config.json
     p.add_argument("--tau-conf", type=float, default=None, help="confidence threshold for every decoder "
-                   "(default: each policy's own; the shipped student's was tuned for it)")
+                   "(default: each policy's own)")
     p.add_argument("--tau-add", type=float, default=None, help="default: the student's own")
     p.add_argument("--tau-act", type=float, default=None, help="default: the student's own")
     p.add_argument("--vanilla-steps", type=int, default=None, help="default: the teacher's own")

@@ -25,7 +25,7 @@ def policy_for(method: str, teacher: FastDVLAPolicy, student: FastDVLAPolicy) ->
 
 def policy_configs(methods, teacher: FastDVLAPolicy, student: FastDVLAPolicy, **overrides) -> dict:
     """``{method: DecodeConfig}``: each decoder with the settings saved in the policy that runs it
-    (its ``config.json``: a student carries the thresholds tuned for it), then ``overrides``
+    (its ``config.json``: a student may carry thresholds tuned for it), then ``overrides``
     (``tau_conf=...``; ``None`` values are ignored) on top."""
     given = {k: v for k, v in overrides.items() if v is not None}
     return {m: policy_for(m, teacher, student).decode_config.replace(method=m, **given) for m in methods}

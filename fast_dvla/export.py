@@ -11,6 +11,7 @@ import torch
 from .policy import FastDVLAPolicy
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+THRESHOLDS = ("tau_conf", "tau_add", "tau_act")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,9 +21,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for name in THRESHOLDS:
         p.add_argument(f"--{name.replace('_', '-')}", type=float, default=None,
                        help=f"decoding {name} to save with the policy (default: keep the policy's)")
-
-
-THRESHOLDS = ("tau_conf", "tau_add", "tau_act")
 
 
 def main(args) -> None:
