@@ -66,11 +66,10 @@ def run_episode(env, policy: FastDVLAPolicy, config: DecodeConfig, init: int, ke
     return {"success": success, "steps": steps, "chunk_latency_s": latencies, "nfe": nfe, "query_tokens": query}
 
 
-def token_agreement(teacher, student, observations, configs: dict, methods) -> dict:
-    """Fraction of action tokens each decoder shares with the teacher's vanilla decoding."""
+def token_agreement(teacher, student, observations, configs: dict, methods, reference) -> dict:
+    """Fraction of action tokens each decoder shares with the teacher's vanilla decoding (``reference``)."""
     out = {}
-    vanilla = configs.get("vanilla") or teacher.decode_config.replace(method="vanilla")
-    ref = [teacher_tokens(teacher, o, vanilla) for o in observations]
+    ref = [teacher_tokens(teacher, o, reference) for o in observations]
     for m in methods:
         policy = policy_for(m, teacher, student)
         same = [np.mean(teacher_tokens(policy, o, configs[m]) == r) for o, r in zip(observations, ref)]
@@ -83,32 +82,50 @@ def teacher_tokens(policy, obs, config):
     return policy.action_tokenizer.encode(actions)
 
 
-def run(args) -> dict:
-    from fast_dvla.envs.libero_env import LiberoTaskEnv, num_tasks
+def sharded_jobs(suite: str, tasks: str, init_states: str, shard: str) -> list[tuple[int, int]]:
+    """The (task, initial state) pairs of ``shard`` (``i/n``: every n-th from the i-th); ``tasks`` is
+    ``all`` or ids like ``0-9``, ``init_states`` ids like ``15-16``."""
+    from fast_dvla.envs.libero_env import num_tasks
 
+    task_ids = list(range(num_tasks(suite))) if tasks == "all" else parse_range(tasks)
+    i, n = (int(x) for x in shard.split("/"))
+    return [(t, s) for t in task_ids for s in parse_range(init_states)][i::n]
+
+
+def task_envs(suite: str, jobs: list[tuple[int, int]], config):
+    """Per task of ``jobs``, in order: ``(task, env, its initial states)``; one LIBERO
+    environment per task, rendering what the model ``config`` reads, closed when done."""
+    from fast_dvla.envs.libero_env import LiberoTaskEnv
+
+    for task in sorted({t for t, _ in jobs}):
+        env = LiberoTaskEnv(suite, task, image_size=config.image_size, cameras=config.cameras)
+        try:
+            yield task, env, [i for t, i in jobs if t == task]
+        finally:
+            env.close()
+
+
+def run(args) -> dict:
     teacher = FastDVLAPolicy.from_pretrained(args.teacher or default_checkpoint("teacher"))
     student = FastDVLAPolicy.from_pretrained(args.student or default_checkpoint("student"))
     methods = [m for m in args.decoders.split(",")]
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise SystemExit(f"unknown decoders {sorted(unknown)}; expected some of {METHODS}")
+    overrides = dict(tau_conf=args.tau_conf, tau_add=args.tau_add, tau_act=args.tau_act,
+                     vanilla_steps=args.vanilla_steps)
     try:
-        configs = policy_configs(methods, teacher, student, tau_conf=args.tau_conf, tau_add=args.tau_add,
-                                 tau_act=args.tau_act, vanilla_steps=args.vanilla_steps)
+        configs = policy_configs(methods, teacher, student, **overrides)
+        reference = policy_configs(["vanilla"], teacher, student, **overrides)["vanilla"]
     except ValueError as e:
         raise SystemExit(f"bad decoding settings: {e}")
-    tasks = list(range(num_tasks(args.suite))) if args.tasks == "all" else parse_range(args.tasks)
-    inits = parse_range(args.init_states)
-    shard, shards = (int(x) for x in args.shard.split("/"))
-    jobs = [(t, i) for t in tasks for i in inits]
-    jobs = jobs[shard::shards]
-    cfg = teacher.model.config
+    jobs = sharded_jobs(args.suite, args.tasks, args.init_states, args.shard)
+    shard = int(args.shard.split("/")[0])
     episodes = {m: [] for m in methods}
     observations: list = []
-    bar = tqdm(total=len(jobs) * len(methods), desc=f"LIBERO episodes (shard {shard}/{shards})")
-    for task in sorted({t for t, _ in jobs}):
-        env = LiberoTaskEnv(args.suite, task, image_size=cfg.image_size, cameras=cfg.cameras)
-        for _, init in [j for j in jobs if j[0] == task]:
+    bar = tqdm(total=len(jobs) * len(methods), desc=f"LIBERO episodes (shard {args.shard})")
+    for task, env, inits in task_envs(args.suite, jobs, teacher.model.config):
+        for init in inits:
             for m in methods:
                 keep = observations if (m == methods[0] and len(observations) < args.timing_obs) else None
                 result = run_episode(env, policy_for(m, teacher, student), configs[m], init, keep,
@@ -117,15 +134,16 @@ def run(args) -> dict:
                 episodes[m].append(result)
                 bar.update(1)
                 bar.set_postfix({k[:6]: f"{np.mean([e['success'] for e in v]):.2f}" for k, v in episodes.items() if v})
-        env.close()
     bar.close()
     result = {"suite": args.suite, "decode": {m: c.to_dict() for m, c in configs.items()},
-              "date": datetime.date.today().isoformat(), "machine": platform.machine(), "torch_threads": torch.get_num_threads(),
+              "date": datetime.date.today().isoformat(), "machine": platform.machine(),
+              "torch_threads": torch.get_num_threads(),
               "teacher": args.teacher or "shipped reference", "student": args.student or "shipped reference",
               "shard": args.shard, "episodes": episodes}
     if shard == 0 and observations:  # speed is measured in one process, on the same observations
         result["throughput"] = measure(teacher, student, observations, configs, methods, warmup=2)
-        result["agreement"] = token_agreement(teacher, student, observations[: args.agreement_obs], configs, methods)
+        result["agreement"] = token_agreement(teacher, student, observations[: args.agreement_obs], configs, methods,
+                                              reference)
         result["timing_observations"] = len(observations)
     result["peak_rss_mb"] = process_peak_rss_mb()
     return result

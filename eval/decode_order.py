@@ -14,7 +14,7 @@ change whose timing the observation does not show (decoded in time order,
 it is postponed for ever under greedy decoding). It is not a bound on a
 student: the teacher never trained on "earlier steps known, all later ones
 masked", the student does (the shipped v3 teacher: 5/20 left to right,
-its student 12/20).
+its distilled student 12/20).
 """
 from __future__ import annotations
 
@@ -29,9 +29,8 @@ from fast_dvla.decoding.common import WindowForward
 from fast_dvla.decoding.pipelined import decode_pipelined
 from fast_dvla.masks import BIDIRECTIONAL
 
-from .bench_libero import read_shards, run_episode, shard_stem
+from .bench_libero import read_shards, run_episode, shard_stem, sharded_jobs, task_envs
 from .micro_bench import reference_checkpoint
-from .record_libero_demos import parse_range
 from .report import markdown_table, write_json
 
 ORDERS = ("all_at_once", "left_to_right")
@@ -54,27 +53,20 @@ class LeftToRightPolicy(FastDVLAPolicy):
 
 
 def run(args) -> dict:
-    from fast_dvla.envs.libero_env import LiberoTaskEnv, num_tasks
-
     path = args.policy or reference_checkpoint("teacher")
     policies = {"all_at_once": FastDVLAPolicy.from_pretrained(path),
                 "left_to_right": LeftToRightPolicy.from_pretrained(path)}
     configs = {"all_at_once": DecodeConfig(method="vanilla"), "left_to_right": DecodeConfig(tau_conf=args.tau_conf)}
-    tasks = list(range(num_tasks(args.suite))) if args.tasks == "all" else parse_range(args.tasks)
-    shard, shards = (int(x) for x in args.shard.split("/"))
-    jobs = [(t, i) for t in tasks for i in parse_range(args.init_states)][shard::shards]
-    cfg = policies["all_at_once"].model.config
+    jobs = sharded_jobs(args.suite, args.tasks, args.init_states, args.shard)
     episodes = {o: [] for o in ORDERS}
     bar = tqdm(total=len(jobs) * len(ORDERS), desc="teacher, both decoding orders")
-    for task in sorted({t for t, _ in jobs}):
-        env = LiberoTaskEnv(args.suite, task, image_size=cfg.image_size, cameras=cfg.cameras)
-        for _, init in [j for j in jobs if j[0] == task]:
+    for task, env, inits in task_envs(args.suite, jobs, policies["all_at_once"].model.config):
+        for init in inits:
             for order in ORDERS:
                 r = run_episode(env, policies[order], configs[order], init, None, env.max_steps)
                 episodes[order].append({"task": task, "init": init, "success": r["success"], "steps": r["steps"],
                                         "nfe": float(np.mean(r["nfe"]))})
                 bar.update(1)
-        env.close()
     bar.close()
     return {"policy": path, "suite": args.suite, "shard": args.shard, "episodes": episodes}
 

@@ -54,10 +54,15 @@ def sample_frames(root: str, n: int, horizon: int, seed: int) -> list[tuple[dict
     return frames
 
 
+def decode_config(policy: FastDVLAPolicy, method: str, tau_conf: float | None = None):
+    """The policy's own settings with ``method``, and ``tau_conf`` when given (validated)."""
+    return policy.decode_config.replace(method=method, **({} if tau_conf is None else {"tau_conf": tau_conf}))
+
+
 def measure(policy: FastDVLAPolicy, frames, method: str, progress: bool = True, tau_conf: float | None = None) -> dict:
     """``tau_conf``: decode with this threshold instead of the policy's own."""
     tok = policy.action_tokenizer
-    config = policy.decode_config.replace(method=method, **({} if tau_conf is None else {"tau_conf": tau_conf}))
+    config = decode_config(policy, method, tau_conf)
     grip = list(tok.gripper_dims)
     hits, errors, grip_wrong, nfe, query = [], [], [], [], []
     for obs, demo in tqdm(frames, desc=f"fidelity {method} tau_conf={config.tau_conf}", disable=not progress):
@@ -116,7 +121,7 @@ def main(args) -> None:
     try:
         taus = [None] if args.tau_conf is None else [float(t) for t in args.tau_conf.split(",")]
         for t in taus:  # out-of-range thresholds fail here, before any frame is decoded
-            policy.decode_config.replace(**({} if t is None else {"tau_conf": t}))
+            decode_config(policy, methods[0], t)
     except ValueError as e:
         raise SystemExit(f"bad --tau-conf {args.tau_conf!r}: {e}")
     frames = sample_frames(args.data, args.frames, policy.model.config.horizon, args.seed)

@@ -3,7 +3,7 @@ import json
 
 import numpy as np
 
-from fast_dvla.eval.bench_libero import merge, report, table_rows
+from fast_dvla.eval.bench_libero import merge, report, sharded_jobs, table_rows
 
 
 def shard(idx, successes, with_speed):
@@ -62,3 +62,8 @@ def test_report_names_the_settings_each_decoder_ran_with(tmp_path):
     report(result, str(tmp_path / "r"))
     text = (tmp_path / "r.md").read_text()
     assert "vanilla: tau_conf=0.5, vanilla_steps=12; fast_dvla: tau_conf=0.2, tau_add=0.5" in text
+
+
+def test_shards_split_the_task_and_initial_state_pairs():
+    shards = [sharded_jobs("libero_object", "0-1", "15-17", f"{i}/2") for i in range(2)]
+    assert shards[0] == [(0, 15), (0, 17), (1, 16)] and shards[1] == [(0, 16), (1, 15), (1, 17)]
