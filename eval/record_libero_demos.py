@@ -26,6 +26,15 @@ policy whose own small errors compound over an open-loop chunk meets such
 states. The noise is seeded by the (task, init) pair, so a resumed run draws
 the same noise.
 
+``--push-prob P --push-size S`` (recovery pushes): while the expert approaches
+the object (hover and descend), each step starts with probability P a push:
+for up to PUSH_STEPS steps the simulator executes the expert's command plus a
+constant horizontal offset of S action units in a random direction (0.4 for 8
+steps moves the hand ~3 cm). The labels stay the expert's clean commands, so
+the episode shows the way back from centimetres off the approach, which the
+small per-step noise never does: a cloned policy that arrives 3 cm off a tall
+bottle otherwise has no example of correcting it. Seeded by the pair too.
+
 ``--policy P --expert-prob BETA`` (DAgger-style relabelling): a trained
 policy (a policy directory or a training run) drives the robot, the expert
 only labels. Each chunk of the policy's ``n_action_steps`` is executed by the
@@ -53,6 +62,8 @@ from fast_dvla.data import list_episodes, read_dataset_info, write_dataset_info,
 from .report import markdown_table
 
 CAMERAS = ("agentview", "wrist")
+PUSH_STEPS = 8                          # steps one recovery push lasts at most
+PUSH_PHASES = ("hover", "descend")      # the approach, where a lateral error decides the grasp
 STATE_DIM, ACTION_DIM, FPS = 8, 7, 20
 
 
@@ -89,9 +100,11 @@ class Recorder:
     """Runs the expert on one (task, init) pair at a time, keeping the last task's simulator."""
 
     def __init__(self, suite: str, out: str, image_size: int, cameras=CAMERAS, max_steps: int | None = None,
-                 action_noise: float = 0.0, policy: str | None = None, expert_prob: float = 0.0):
+                 action_noise: float = 0.0, policy: str | None = None, expert_prob: float = 0.0,
+                 push_prob: float = 0.0, push_size: float = 0.0):
         self.suite, self.out, self.image_size, self.cameras = suite, out, image_size, tuple(cameras)
         self.action_noise = float(action_noise)
+        self.push_prob, self.push_size = float(push_prob), float(push_size)
         self.policy_path, self.expert_prob = policy, float(expert_prob)
         self.policy = None
         if policy:
@@ -140,11 +153,14 @@ class Recorder:
         states, actions = [], []
         first_done = None
         noise = np.random.default_rng(episode_index(task, init))  # the same noise when a run resumes
+        pushes = np.random.default_rng([episode_index(task, init), 1])  # its own stream: noise draws unchanged
+        push, push_left, pushed_steps = np.zeros(3), 0, 0
         driver, expert_steps = "expert", 0
         if self.policy is not None:
             self.policy.reset()
             chunk = self.policy.n_action_steps
         while not self.expert.done and len(actions) < (self.max_steps or env.max_steps):
+            approaching = self.expert.phase in PUSH_PHASES  # the phase this step's command belongs to
             action = self.expert.act(obs)
             for c in env.cameras:
                 frames[c].append(obs["images"][c])
@@ -159,6 +175,14 @@ class Recorder:
                 executed, expert_steps = action.copy(), expert_steps + 1
                 if self.action_noise > 0:
                     executed[:3] += noise.normal(0.0, self.action_noise, 3)
+                if self.push_prob > 0:
+                    push_left = push_left if approaching else 0  # a push ends with the approach
+                    if push_left == 0 and approaching and pushes.random() < self.push_prob:
+                        angle = pushes.uniform(0.0, 2 * np.pi)
+                        push, push_left = self.push_size * np.array([np.cos(angle), np.sin(angle), 0.0]), PUSH_STEPS
+                    if push_left > 0:
+                        executed[:3] += push
+                        push_left, pushed_steps = push_left - 1, pushed_steps + 1
             obs, _, done, _ = env.step(executed)
             if done and first_done is None:
                 first_done = len(actions)
@@ -173,6 +197,8 @@ class Recorder:
         result = {"task": task, "init": init, "success": success, "steps": len(actions),
                   "first_done_step": first_done, "retries": self.expert.retries, "rendered": self.render,
                   "action_noise": self.action_noise}
+        if self.push_prob > 0:
+            result.update(push_prob=self.push_prob, push_size=self.push_size, pushed_steps=pushed_steps)
         if self.policy is not None:
             result.update(policy=self.policy_path, expert_prob=self.expert_prob,
                           expert_steps=expert_steps)
@@ -187,12 +213,14 @@ class Recorder:
 _WORKER: Recorder | None = None
 
 
-def _worker_init(suite, out, image_size, cameras, max_steps, action_noise, policy=None, expert_prob=0.0):
+def _worker_init(suite, out, image_size, cameras, max_steps, action_noise, policy=None, expert_prob=0.0,
+                 push_prob=0.0, push_size=0.0):
     os.environ.setdefault("MUJOCO_GL", "egl")
     import torch
     torch.set_num_threads(1)  # one core per worker; the simulator is single-threaded anyway
     global _WORKER
-    _WORKER = Recorder(suite, out, image_size, cameras, max_steps, action_noise, policy, expert_prob)
+    _WORKER = Recorder(suite, out, image_size, cameras, max_steps, action_noise, policy, expert_prob,
+                       push_prob, push_size)
 
 
 def _worker_record(pair):
@@ -247,7 +275,7 @@ TABLE = [("task", "task", "d"), ("attempts", "attempts", "d"), ("successes", "su
 
 
 def _check_out_dir(out: str, cameras: tuple, image_size: int, attempts: list[dict], action_noise: float,
-                   policy: str | None = None, expert_prob: float = 0.0) -> None:
+                   policy: str | None = None, expert_prob: float = 0.0, push: tuple = (0.0, 0.0)) -> None:
     """Refuse to mix runs that would make the directory inconsistent."""
     render = bool(cameras)
     drivers = {(a.get("policy"), a.get("expert_prob", 0.0)) for a in attempts}
@@ -258,6 +286,10 @@ def _check_out_dir(out: str, cameras: tuple, image_size: int, attempts: list[dic
     if noises and noises != {action_noise}:
         raise SystemExit(f"{out} holds attempts recorded with --action-noise {sorted(noises)}; a resumed run "
                          f"must use the same noise: pick another --out")
+    push_settings = {(a.get("push_prob", 0.0), a.get("push_size", 0.0)) for a in attempts}
+    if push_settings and push_settings != {tuple(push)}:
+        raise SystemExit(f"{out} holds attempts recorded with (--push-prob, --push-size) {sorted(push_settings)}; "
+                         f"a resumed run must use the same pushes: pick another --out")
     has_info = os.path.exists(os.path.join(out, "dataset.json"))
     modes = {a.get("rendered", has_info) for a in attempts}
     if modes and modes != {render}:
@@ -290,6 +322,9 @@ def main(argv=None) -> dict:
                    "training run) drives, the expert labels every step; every episode is kept")
     p.add_argument("--expert-prob", type=float, default=0.0, help="with --policy: probability that the expert "
                    "executes a chunk instead of the policy")
+    p.add_argument("--push-prob", type=float, default=0.0, help="per approach step, probability of starting a "
+                   f"recovery push ({PUSH_STEPS} steps of a constant horizontal offset; labels stay clean)")
+    p.add_argument("--push-size", type=float, default=0.4, help="a push's offset in action units (with --push-prob)")
     args = p.parse_args(argv)
     if not (0.0 <= args.expert_prob <= 1.0):
         raise SystemExit(f"--expert-prob must lie in [0, 1], got {args.expert_prob}")
@@ -299,6 +334,12 @@ def main(argv=None) -> dict:
         raise SystemExit("--expert-prob applies with --policy (the expert drives alone otherwise)")
     if not (0.0 <= args.action_noise <= 1.0):
         raise SystemExit(f"--action-noise must lie in [0, 1] (action units), got {args.action_noise}")
+    if not (0.0 <= args.push_prob <= 1.0) or not (0.0 < args.push_size <= 1.0):
+        raise SystemExit(f"--push-prob must lie in [0, 1] and --push-size in (0, 1] (action units), got "
+                         f"{args.push_prob} and {args.push_size}")
+    if args.push_prob and args.policy:
+        raise SystemExit("--push-prob perturbs the expert's execution; with --policy the policy drives")
+    push = (args.push_prob, args.push_size if args.push_prob else 0.0)
     if args.suite != "libero_object":
         raise SystemExit("the scripted expert covers libero_object (pick an object, place it in the basket)")
     from fast_dvla.envs.libero_env import get_suite
@@ -318,9 +359,11 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--cameras must be some of {','.join(CAMERAS)}, got {args.cameras!r}")
     os.makedirs(os.path.join(args.out, "attempts"), exist_ok=True)
     _check_out_dir(args.out, cameras, args.image_size, load_attempts(args.out), args.action_noise, args.policy,
-                   args.expert_prob)
+                   args.expert_prob, push)
     info_extra = {"source": f"scripted expert (fast_dvla.envs.libero_expert), {args.suite}",
                   "action_noise": args.action_noise}
+    if push[0]:
+        info_extra.update(push_prob=push[0], push_size=push[1], push_steps=PUSH_STEPS)
     if args.policy:
         info_extra.update(source=f"policy {args.policy} relabelled by the scripted expert, {args.suite}",
                           expert_prob=args.expert_prob)
@@ -345,7 +388,7 @@ def main(argv=None) -> dict:
         ctx = mp.get_context("spawn")  # each worker its own simulator and GL context
         pool = ctx.Pool(workers, initializer=_worker_init, initargs=(args.suite, args.out, args.image_size, cameras,
                                                                       args.max_steps, args.action_noise,
-                                                                      args.policy, args.expert_prob))
+                                                                      args.policy, args.expert_prob, *push))
         try:
             for result in pool.imap_unordered(_worker_record, pending):
                 tick(result)
@@ -357,7 +400,7 @@ def main(argv=None) -> dict:
             pool.join()
     else:
         recorder = Recorder(args.suite, args.out, args.image_size, cameras, args.max_steps, args.action_noise,
-                            args.policy, args.expert_prob)
+                            args.policy, args.expert_prob, *push)
         try:
             for pair in pending:
                 tick(recorder.record(pair))

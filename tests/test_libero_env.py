@@ -140,12 +140,13 @@ def test_expert_holds_orientation_without_rotation_noise(blind_env):
     assert (actions[:, 3:6] == 0).all(1).mean() > 0.9
 
 
-def _recorded_run(env, action_noise, max_steps=25):
+def _recorded_run(env, action_noise, max_steps=25, **pushes):
     """(labels, executed actions) of one recorder attempt on ``env`` (task 1, init 0)."""
     from fast_dvla.envs.libero_expert import LiberoObjectExpert
     from fast_dvla.eval.record_libero_demos import Recorder
 
-    recorder = Recorder("libero_object", "unused", 32, cameras=(), max_steps=max_steps, action_noise=action_noise)
+    recorder = Recorder("libero_object", "unused", 32, cameras=(), max_steps=max_steps, action_noise=action_noise,
+                        **pushes)
     recorder.env, recorder.expert = env, LiberoObjectExpert(env)
     labels, executed = [], []
     act, step = recorder.expert.act, env.step
@@ -168,6 +169,30 @@ def test_recorder_action_noise_perturbs_execution_not_labels(blind_env):
     clean_labels, clean_executed = _recorded_run(blind_env, 0.0)
     assert np.array_equal(clean_labels, clean_executed)
     assert not np.allclose(clean_labels, labels)  # the noisy run visited other states, so other labels
+
+
+def test_recovery_pushes_offset_the_approach_and_keep_clean_labels(blind_env):
+    """A push executes the expert's command plus one constant horizontal offset for at most
+    PUSH_STEPS steps of the approach; the stored labels stay the expert's own."""
+    from fast_dvla.eval.record_libero_demos import PUSH_STEPS
+
+    labels, executed = _recorded_run(blind_env, 0.0, max_steps=40, push_prob=0.2, push_size=0.5)
+    diff = executed - labels
+    pushed = np.abs(diff).max(1) > 0
+    assert 0 < pushed.sum() < len(diff) and np.all(diff[:, 2:] == 0)  # horizontal only
+    assert np.allclose(np.linalg.norm(diff[pushed, :2], axis=1), 0.5)
+    lengths, previous = [], None  # lengths of the runs of one offset: one push each
+    for offset in map(tuple, np.round(diff[:, :2], 6)):
+        if any(offset) and offset == previous:
+            lengths[-1] += 1
+        elif any(offset):
+            lengths.append(1)
+        previous = offset
+    assert max(lengths) <= PUSH_STEPS
+    labels2, executed2 = _recorded_run(blind_env, 0.0, max_steps=40, push_prob=0.2, push_size=0.5)
+    assert np.array_equal(executed, executed2)  # seeded by (task, init)
+    clean_labels, _ = _recorded_run(blind_env, 0.0, max_steps=40)
+    assert not np.allclose(clean_labels, labels)  # pushed off the path, the expert steered back
 
 
 def test_expert_notices_a_missed_grasp_and_retries(blind_env):
@@ -269,6 +294,10 @@ def test_recorder_writes_a_resumable_dataset(tmp_path):
         main(["--tasks", "6", "--init-states", "1", "--out", out, "--image-size", "32"])  # both cameras
     with pytest.raises(SystemExit, match="same noise"):  # clean and noisy demonstrations never mix silently
         main(args[:3] + ["1"] + args[4:] + ["--action-noise", "0.1"])
+    with pytest.raises(SystemExit, match="same pushes"):
+        main(args[:3] + ["1"] + args[4:] + ["--push-prob", "0.05"])
+    with pytest.raises(SystemExit, match="push-size"):
+        main(args + ["--push-prob", "0.05", "--push-size", "0"])
 
 
 def test_recorder_counts_failures(tmp_path):
