@@ -34,6 +34,9 @@ steps moves the hand ~3 cm). The labels stay the expert's clean commands, so
 the episode shows the way back from centimetres off the approach, which the
 small per-step noise never does: a cloned policy that arrives 3 cm off a tall
 bottle otherwise has no example of correcting it. Seeded by the pair too.
+Each episode stores which steps were pushed (``perturbed``): a chunk's later
+labels answer states that a push the observation does not show has moved, so
+training skips the chunks that overlap one and keeps those after it.
 
 ``--policy P --expert-prob BETA`` (DAgger-style relabelling): a trained
 policy (a policy directory or a training run) drives the robot, the expert
@@ -150,7 +153,7 @@ class Recorder:
         obs = env.reset(init)
         self.expert.reset(obs)
         frames = {c: [] for c in env.cameras}
-        states, actions = [], []
+        states, actions, perturbed = [], [], []
         first_done = None
         noise = np.random.default_rng(episode_index(task, init))  # the same noise when a run resumes
         pushes = np.random.default_rng([episode_index(task, init), 1])  # its own stream: noise draws unchanged
@@ -169,6 +172,7 @@ class Recorder:
             if self.policy is not None and (len(actions) - 1) % chunk == 0:  # who drives the next chunk
                 driver = "expert" if noise.random() < self.expert_prob else "policy"
                 self.policy.reset()  # a policy taking over plans from the current state
+            pushed_now = False
             if driver == "policy":
                 executed = self.policy.select_action(obs).astype(np.float64)
             else:
@@ -182,7 +186,8 @@ class Recorder:
                         push, push_left = self.push_size * np.array([np.cos(angle), np.sin(angle), 0.0]), PUSH_STEPS
                     if push_left > 0:
                         executed[:3] += push
-                        push_left, pushed_steps = push_left - 1, pushed_steps + 1
+                        push_left, pushed_steps, pushed_now = push_left - 1, pushed_steps + 1, True
+            perturbed.append(pushed_now)
             obs, _, done, _ = env.step(executed)
             if done and first_done is None:
                 first_done = len(actions)
@@ -193,6 +198,8 @@ class Recorder:
             episode = {f"image_{c}": np.stack(frames[c]) for c in env.cameras}
             episode.update(state=np.stack(states), action=np.stack(actions), instruction=env.instruction,
                            task_id=task, init_state_id=init, suite=self.suite)
+            if self.push_prob > 0:  # training skips the chunks whose later labels follow a push
+                episode["perturbed"] = np.array(perturbed, dtype=bool)
             write_episode(self.out, episode_index(task, init), episode)
         result = {"task": task, "init": init, "success": success, "steps": len(actions),
                   "first_done_step": first_done, "retries": self.expert.retries, "rendered": self.render,

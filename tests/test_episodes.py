@@ -69,6 +69,8 @@ CORRUPTIONS = [
     ("action dim", _set("action", lambda e: e["action"][:, :6]), "dims 8/6 != dataset's 8/7"),
     ("missing camera", lambda e: e.pop("image_agentview"), "missing camera 'image_agentview'"),
     ("instruction type", _set("instruction", lambda e: np.arange(3)), "instruction must be a 0-d string"),
+    ("perturbed steps", _set("perturbed", lambda e: np.zeros(4, bool)), r"perturbed must be bool \[T=5\]"),
+    ("perturbed dtype", _set("perturbed", lambda e: np.zeros(5, np.int64)), "perturbed must be bool"),
 ]
 
 
@@ -140,3 +142,24 @@ def test_leftover_temp_file_is_not_an_episode(root):
     write_episode(root, 0, episode())
     open(os.path.join(root, "episode_000001.tmp.npz"), "wb").close()  # as a SIGKILL mid-write would leave
     assert [os.path.basename(p) for p in list_episodes(root)] == ["episode_000000.npz"]
+
+
+def test_pushed_steps_round_trip_and_drop_the_chunks_that_follow_them(root):
+    """Recovery pushes: a chunk starting at t is dropped when a step in t .. t + H - 2 was pushed
+    (the labels after a pushed step answer where the push moved the robot); the chunks
+    starting after the push, which show the way back, are kept."""
+    from fast_dvla.model import ModelConfig
+    from fast_dvla.training.dataset import ChunkDataset, chunk_starts
+
+    ep = episode(T=12)
+    ep["perturbed"] = np.zeros(12, bool)
+    ep["perturbed"][[5, 6]] = True
+    out = read_episode(write_episode(root, 0, ep), read_dataset_info(root))
+    assert np.array_equal(out["perturbed"], ep["perturbed"])
+    assert "perturbed" not in read_episode(write_episode(root, 1, episode()))
+    assert chunk_starts(out, horizon=4) == [0, 1, 2, 7, 8, 9, 10, 11]  # 3: its steps 3..5 hold a push
+    assert chunk_starts(out, horizon=1) == list(range(12))  # a one-step chunk is the pushed step's own label
+    assert chunk_starts(episode(T=6), horizon=4) == list(range(6))  # no pushes: every step
+    data = ChunkDataset(root, ModelConfig(cameras=("agentview",), image_size=8, horizon=4, block_size=7),
+                        progress=False)
+    assert len(data) == 8 + 5 and data.skipped_after_pushes == 4  # episode 0 as above, episode 1 whole

@@ -140,14 +140,21 @@ def test_expert_holds_orientation_without_rotation_noise(blind_env):
     assert (actions[:, 3:6] == 0).all(1).mean() > 0.9
 
 
-def _recorded_run(env, action_noise, max_steps=25, **pushes):
-    """(labels, executed actions) of one recorder attempt on ``env`` (task 1, init 0)."""
+def _recorded_run(env, action_noise, max_steps=25, written=None, **pushes):
+    """(labels, executed actions) of one recorder attempt on ``env`` (task 1, init 0); ``written``:
+    a dict that receives the episode the recorder writes (``env`` renders nothing, so no images)."""
     from fast_dvla.envs.libero_expert import LiberoObjectExpert
+    from fast_dvla.eval import record_libero_demos
     from fast_dvla.eval.record_libero_demos import Recorder
 
     recorder = Recorder("libero_object", "unused", 32, cameras=(), max_steps=max_steps, action_noise=action_noise,
                         **pushes)
     recorder.env, recorder.expert = env, LiberoObjectExpert(env)
+    write_episode = record_libero_demos.write_episode
+    if written is not None:
+        recorder.render = True  # write the episode, even unsuccessful, into ``written``
+        env.success = lambda: True
+        record_libero_demos.write_episode = lambda out, index, episode: written.update(episode)
     labels, executed = [], []
     act, step = recorder.expert.act, env.step
     recorder.expert.act = lambda obs: labels.append(act(obs)) or labels[-1]
@@ -155,7 +162,10 @@ def _recorded_run(env, action_noise, max_steps=25, **pushes):
     try:
         recorder._episode(env, 1, 0)
     finally:
-        del env.step  # the instance attribute; the class's method is back
+        del env.step  # the instance attributes; the class's methods are back
+        if written is not None:
+            del env.success
+            record_libero_demos.write_episode = write_episode
     return np.array(labels), np.array(executed)
 
 
@@ -176,9 +186,12 @@ def test_recovery_pushes_offset_the_approach_and_keep_clean_labels(blind_env):
     PUSH_STEPS steps of the approach; the stored labels stay the expert's own."""
     from fast_dvla.eval.record_libero_demos import PUSH_STEPS
 
-    labels, executed = _recorded_run(blind_env, 0.0, max_steps=40, push_prob=0.2, push_size=0.5)
+    episode = {}
+    labels, executed = _recorded_run(blind_env, 0.0, max_steps=40, written=episode, push_prob=0.2, push_size=0.5)
     diff = executed - labels
     pushed = np.abs(diff).max(1) > 0
+    assert np.array_equal(episode["perturbed"], pushed)  # stored, so training can skip what follows a push
+    assert np.array_equal(episode["action"], labels.astype(np.float32))
     assert 0 < pushed.sum() < len(diff) and np.all(diff[:, 2:] == 0)  # horizontal only
     assert np.allclose(np.linalg.norm(diff[pushed, :2], axis=1), 0.5)
     lengths, previous = [], None  # lengths of the runs of one offset: one push each

@@ -11,6 +11,9 @@
                               action          float32 [T, action_dim]  (action t is taken at state t)
                               instruction     0-d unicode array
                               optional metadata: task_id, init_state_id (0-d int), suite (0-d str)
+                              optional perturbed bool [T]: the command executed at step t was not
+                                the label (a recovery push), so the states after t follow a
+                                command that no observation shows
 
 Episode indices need not be contiguous (the LIBERO recorder uses
 ``task * 1000 + init_state``). Write a dataset from your own data with
@@ -112,6 +115,10 @@ def validate_episode(data: dict, info: dict | None = None, where: str = "episode
             fail(f"{key} contains NaN or inf (first at step {bad[0]}, dim {bad[1]})")
     if instruction.dtype.kind != "U" or instruction.ndim != 0:
         fail(f"instruction must be a 0-d string array, got {instruction.dtype} {instruction.shape}")
+    if "perturbed" in data:
+        perturbed = np.asarray(data["perturbed"])
+        if perturbed.dtype != np.bool_ or perturbed.shape != (T,):
+            fail(f"perturbed must be bool [T={T}], got {perturbed.dtype} {perturbed.shape}")
     images = {k: np.asarray(v) for k, v in data.items() if k.startswith("image_")}
     for key, img in images.items():
         if img.dtype != np.uint8 or img.ndim != 4 or img.shape[0] != T or img.shape[-1] != 3:
@@ -168,7 +175,8 @@ def read_episode(path: str, info: dict | None = None) -> dict:
 
     Returns ``{"images": {camera: uint8 [T, H, W, 3]}, "state": float32 [T, S],
     "action": float32 [T, A], "instruction": str, "name": file name}`` plus any
-    metadata (``task_id``, ``init_state_id``, ``suite``) as Python scalars.
+    metadata (``task_id``, ``init_state_id``, ``suite``) as Python scalars and
+    ``perturbed`` (bool [T]) when stored.
     """
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -182,4 +190,6 @@ def read_episode(path: str, info: dict | None = None) -> dict:
     for key in METADATA:
         if key in data:
             episode[key] = data[key].item()
+    if "perturbed" in data:
+        episode["perturbed"] = data["perturbed"]
     return episode

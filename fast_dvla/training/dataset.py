@@ -2,7 +2,12 @@
 and the action chunk ``a[t : t + horizon]``, tokenised.
 
 Chunks running past an episode's end repeat its last action (the robot holds
-its final command), so every step of every episode is a sample.
+its final command), so every step of every episode is a sample, except in
+episodes with recovery pushes (``perturbed`` steps): there a chunk whose
+later labels follow a pushed step is skipped. Those labels answer states that
+a push, invisible in the observation at t, has moved, so no policy could
+predict them from t; the chunks from the pushed-away states onwards, which
+show the way back, are kept.
 """
 from __future__ import annotations
 
@@ -14,6 +19,19 @@ from ..data import list_episodes, read_dataset_info, read_episode
 from ..model import ModelConfig
 from ..processor import StateNormalizer
 from ..tokenizer import ActionTokenizer, InstructionTokenizer
+
+
+def chunk_starts(episode: dict, horizon: int) -> list[int]:
+    """Steps t whose chunk ``a[t : t + horizon]`` a policy could predict from step t's observation:
+    all of them, minus those where a step in ``t .. t + horizon - 2`` was pushed (its label is
+    clean, but the labels after it answer where the push moved the robot)."""
+    T = len(episode["action"])
+    perturbed = episode.get("perturbed")
+    if perturbed is None or not perturbed.any():
+        return list(range(T))
+    pushed_before = np.concatenate([[0], np.cumsum(perturbed)])  # pushed steps in [0, t)
+    last = np.minimum(np.arange(T) + horizon - 1, T)              # window t .. last - 1
+    return np.flatnonzero(pushed_before[last] == pushed_before[:T]).tolist()
 
 
 class ChunkDataset:
@@ -49,7 +67,11 @@ class ChunkDataset:
         self.action_tokenizer = action_tokenizer or ActionTokenizer.fit(actions, cfg.n_bins, gripper_dims)
         self.state_norm = state_norm or StateNormalizer.fit(states, state_ignore)
         instr = InstructionTokenizer(cfg.instr_vocab, cfg.instr_len)
-        self.index = [(e, t) for e, ep in enumerate(self.episodes) for t in range(len(ep["action"]))]
+        self.index = [(e, t) for e, ep in enumerate(self.episodes) for t in chunk_starts(ep, cfg.horizon)]
+        self.skipped_after_pushes = sum(len(ep["action"]) for ep in self.episodes) - len(self.index)
+        if self.skipped_after_pushes and progress:
+            tqdm.write(f"{len(self.index)} samples; {self.skipped_after_pushes} chunks skipped: their later labels "
+                       f"follow a recovery push")
         # everything the model sees, precomputed once (small datasets live in memory)
         self._instr = [torch.tensor(instr.encode(ep["instruction"])) for ep in self.episodes]
         self._tokens = []
