@@ -158,7 +158,7 @@ class Recorder:
         first_done = None
         noise = np.random.default_rng(episode_index(task, init))  # the same noise when a run resumes
         pushes = np.random.default_rng([episode_index(task, init), 1])  # its own stream: noise draws unchanged
-        push, push_left, pushed_steps = np.zeros(3), 0, 0
+        push, push_left = np.zeros(3), 0
         driver, expert_steps = "expert", 0
         if self.policy is not None:
             self.policy.reset()
@@ -187,7 +187,7 @@ class Recorder:
                         push, push_left = self.push_size * np.array([np.cos(angle), np.sin(angle), 0.0]), PUSH_STEPS
                     if push_left > 0:
                         executed[:3] += push
-                        push_left, pushed_steps, pushed_now = push_left - 1, pushed_steps + 1, True
+                        push_left, pushed_now = push_left - 1, True
             perturbed.append(pushed_now)
             obs, _, done, _ = env.step(executed)
             if done and first_done is None:
@@ -206,7 +206,7 @@ class Recorder:
                   "first_done_step": first_done, "retries": self.expert.retries, "rendered": self.render,
                   "action_noise": self.action_noise}
         if self.push_prob > 0:
-            result.update(push_prob=self.push_prob, push_size=self.push_size, pushed_steps=pushed_steps)
+            result.update(push_prob=self.push_prob, push_size=self.push_size, pushed_steps=sum(perturbed))
         if self.policy is not None:
             result.update(policy=self.policy_path, expert_prob=self.expert_prob,
                           expert_steps=expert_steps)
