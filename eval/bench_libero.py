@@ -82,13 +82,24 @@ def teacher_tokens(policy, obs, config):
     return policy.action_tokenizer.encode(actions)
 
 
+def parse_shard(shard: str) -> tuple[int, int]:
+    """``"i/n"`` -> ``(i, n)``, with ``0 <= i < n``."""
+    try:
+        i, n = (int(x) for x in shard.split("/"))
+    except ValueError:
+        raise SystemExit(f"--shard must look like i/n (e.g. 0/2), got {shard!r}") from None
+    if not 0 <= i < n:
+        raise SystemExit(f"--shard {shard}: need 0 <= i < n")
+    return i, n
+
+
 def sharded_jobs(suite: str, tasks: str, init_states: str, shard: str) -> list[tuple[int, int]]:
     """The (task, initial state) pairs of ``shard`` (``i/n``: every n-th from the i-th); ``tasks`` is
     ``all`` or ids like ``0-9``, ``init_states`` ids like ``15-16``."""
     from fast_dvla.envs.libero_env import num_tasks
 
     task_ids = list(range(num_tasks(suite))) if tasks == "all" else parse_range(tasks)
-    i, n = (int(x) for x in shard.split("/"))
+    i, n = parse_shard(shard)
     return [(t, s) for t in task_ids for s in parse_range(init_states)][i::n]
 
 
@@ -106,6 +117,8 @@ def task_envs(suite: str, jobs: list[tuple[int, int]], config):
 
 
 def run(args) -> dict:
+    jobs = sharded_jobs(args.suite, args.tasks, args.init_states, args.shard)  # bad ids fail before any loading
+    shard = parse_shard(args.shard)[0]
     teacher = FastDVLAPolicy.from_pretrained(args.teacher or default_checkpoint("teacher"))
     student = FastDVLAPolicy.from_pretrained(args.student or default_checkpoint("student"))
     methods = [m for m in args.decoders.split(",")]
@@ -119,8 +132,6 @@ def run(args) -> dict:
         reference = policy_configs(["vanilla"], teacher, student, **overrides)["vanilla"]
     except ValueError as e:
         raise SystemExit(f"bad decoding settings: {e}")
-    jobs = sharded_jobs(args.suite, args.tasks, args.init_states, args.shard)
-    shard = int(args.shard.split("/")[0])
     episodes = {m: [] for m in methods}
     observations: list = []
     bar = tqdm(total=len(jobs) * len(methods), desc=f"LIBERO episodes (shard {args.shard})")

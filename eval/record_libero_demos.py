@@ -282,27 +282,25 @@ TABLE = [("task", "task", "d"), ("attempts", "attempts", "d"), ("successes", "su
          ("max_steps", "max", "d"), ("retries", "retries", "d"), ("seconds_per_episode", "s/episode", ".1f")]
 
 
+def _refuse_mixed(out: str, seen: set, wanted, flags: str, setting: str) -> None:
+    """A resumed run appends to ``out``: one value of each recording setting per directory,
+    or demonstrations of different kinds mix silently."""
+    if seen and seen != {wanted}:
+        raise SystemExit(f"{out} holds attempts recorded with {flags} {sorted(seen, key=str)}; a resumed run "
+                         f"must use the same {setting}: pick another --out")
+
+
 def _check_out_dir(out: str, cameras: tuple, image_size: int, attempts: list[dict], action_noise: float,
                    policy: str | None = None, expert_prob: float = 0.0, push: tuple = (0.0, 0.0)) -> None:
     """Refuse to mix runs that would make the directory inconsistent."""
     render = bool(cameras)
-    drivers = {(a.get("policy"), a.get("expert_prob", 0.0)) for a in attempts}
-    if drivers and drivers != {(policy, expert_prob if policy else 0.0)}:
-        raise SystemExit(f"{out} holds attempts driven by {sorted(drivers, key=str)} (policy, expert prob); a resumed "
-                         f"run must use the same --policy and --expert-prob: pick another --out")
-    noises = {a.get("action_noise", 0.0) for a in attempts}
-    if noises and noises != {action_noise}:
-        raise SystemExit(f"{out} holds attempts recorded with --action-noise {sorted(noises)}; a resumed run "
-                         f"must use the same noise: pick another --out")
-    push_settings = {(a.get("push_prob", 0.0), a.get("push_size", 0.0)) for a in attempts}
-    if push_settings and push_settings != {tuple(push)}:
-        raise SystemExit(f"{out} holds attempts recorded with (--push-prob, --push-size) {sorted(push_settings)}; "
-                         f"a resumed run must use the same pushes: pick another --out")
     has_info = os.path.exists(os.path.join(out, "dataset.json"))
-    modes = {a.get("rendered", has_info) for a in attempts}
-    if modes and modes != {render}:
-        raise SystemExit(f"{out} holds attempts recorded {'without' if render else 'with'} rendering; "
-                         f"a resumed run must use the same mode: pick another --out")
+    _refuse_mixed(out, {(a.get("policy"), a.get("expert_prob", 0.0)) for a in attempts},
+                  (policy, expert_prob if policy else 0.0), "(--policy, --expert-prob)", "--policy and --expert-prob")
+    _refuse_mixed(out, {a.get("action_noise", 0.0) for a in attempts}, action_noise, "--action-noise", "noise")
+    _refuse_mixed(out, {(a.get("push_prob", 0.0), a.get("push_size", 0.0)) for a in attempts}, tuple(push),
+                  "(--push-prob, --push-size)", "pushes")
+    _refuse_mixed(out, {a.get("rendered", has_info) for a in attempts}, render, "rendering", "mode")
     if render and has_info:
         info = read_dataset_info(out)
         if list(info["image_size"]) != [image_size, image_size] or list(info["cameras"]) != list(cameras):

@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from fast_dvla.eval.bench_libero import merge, report, sharded_jobs, table_rows
 
@@ -67,3 +68,6 @@ def test_report_names_the_settings_each_decoder_ran_with(tmp_path):
 def test_shards_split_the_task_and_initial_state_pairs():
     shards = [sharded_jobs("libero_object", "0-1", "15-17", f"{i}/2") for i in range(2)]
     assert shards[0] == [(0, 15), (0, 17), (1, 16)] and shards[1] == [(0, 16), (1, 15), (1, 17)]
+    for bad in ("2/2", "1", "a/b", "-1/2"):
+        with pytest.raises(SystemExit, match="--shard"):
+            sharded_jobs("libero_object", "0-1", "15-17", bad)
