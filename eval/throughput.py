@@ -62,11 +62,12 @@ def measure(teacher: FastDVLAPolicy, student: FastDVLAPolicy, observations: list
             nfe[m].append(policy.last_stats.nfe)
             query[m].append(policy.last_stats.query_tokens)
     batch = 1 if isinstance(observations[0]["instruction"], str) else len(observations[0]["instruction"])
-    chunk_tokens = teacher.model.chunk_len * batch
-    steps = teacher.n_action_steps
     rows = []
     for m in methods:
         lat = summarize(times[m])
+        # per policy: a student may execute fewer steps of each chunk than its teacher
+        policy = policy_for(m, teacher, student)
+        chunk_tokens, steps = policy.model.chunk_len * batch, policy.n_action_steps
         rows.append({
             "method": m, "nfe": sum(nfe[m]) / len(nfe[m]), "query_tokens": sum(query[m]) / len(query[m]),
             "latency_ms": lat["median_s"] * 1e3, "p90_ms": lat["p90_s"] * 1e3,

@@ -71,3 +71,28 @@ def test_shards_split_the_task_and_initial_state_pairs():
     for bad in ("2/2", "1", "a/b", "-1/2"):
         with pytest.raises(SystemExit, match="--shard"):
             sharded_jobs("libero_object", "0-1", "15-17", bad)
+
+
+def test_action_hz_counts_the_steps_each_policy_executes_per_chunk():
+    from fast_dvla import DecodeConfig, FastDVLAPolicy
+    from fast_dvla.eval.throughput import measure
+    from fast_dvla.tokenizer import ActionTokenizer
+
+    from helpers import tiny_model
+
+    def policy(n_action_steps):
+        model = tiny_model()
+        cfg = model.config
+        tok = ActionTokenizer(np.full(cfg.action_dim, -1.0), np.ones(cfg.action_dim), cfg.n_bins)
+        return FastDVLAPolicy(model, tok, decode_config=DecodeConfig(), n_action_steps=n_action_steps)
+
+    teacher, student = policy(None), policy(2)
+    cfg = teacher.model.config
+    rng = np.random.default_rng(0)
+    obs = {"images": {c: rng.integers(0, 255, (cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
+                      for c in cfg.cameras},
+           "state": np.zeros(cfg.state_dim, np.float32), "instruction": "pick up the box"}
+    rows = {r["method"]: r for r in measure(teacher, student, [obs], DecodeConfig(), ["vanilla", "fast_dvla"],
+                                            warmup=0, progress=False)}
+    assert rows["vanilla"]["action_hz"] == pytest.approx(rows["vanilla"]["chunk_hz"] * cfg.horizon)
+    assert rows["fast_dvla"]["action_hz"] == pytest.approx(rows["fast_dvla"]["chunk_hz"] * 2)
