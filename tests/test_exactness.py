@@ -46,12 +46,21 @@ def max_logit_gap(trace_a, trace_b, k=7):
 
 @pytest.mark.parametrize("seed,batch,config", CASES)
 def test_cached_equals_uncached(seed, batch, config):
-    model = tiny_model(seed, sharpness=SHARP)
+    assert_cached_equals_uncached(tiny_model(seed, sharpness=SHARP), seed, batch, config)
+
+
+@pytest.mark.parametrize("block_size", [14, 4])  # two timesteps per block (the shipped LIBERO student); 4 splits them
+def test_cached_equals_uncached_for_other_block_sizes(block_size):
+    model = tiny_model(5, sharpness=SHARP, horizon=8, block_size=block_size)
+    assert_cached_equals_uncached(model, 5, 2, DecodeConfig(method="fast_dvla", tau_conf=0.3))
+
+
+def assert_cached_equals_uncached(model, seed, batch, config):
     prefix = random_prefix(model, batch, seed)
     cached, trace_c = run(model, prefix, config)
     full, trace_f = run(model, prefix, config.replace(use_cache=False))
     assert torch.equal(cached.tokens, full.tokens)
-    assert max_logit_gap(trace_c, trace_f) < 1e-5
+    assert max_logit_gap(trace_c, trace_f, model.block_size) < 1e-5
     assert cached.stats.nfe == full.stats.nfe
     # the cache really saves work: fewer query tokens than recomputing everything
     assert cached.stats.query_tokens < full.stats.query_tokens

@@ -186,6 +186,29 @@ def test_distilled_student_matches_teacher(teacher, synthetic, tmp_path, student
         assert accuracy(trainer.model.eval(), trainer.dataset, "fast_dvla") == student_acc
 
 
+def test_a_student_can_take_blocks_of_several_timesteps(teacher, synthetic, tmp_path):
+    _, t_path = teacher
+    cfg = TrainConfig(stage="distill", data=synthetic, out=str(tmp_path / "k14"), teacher=t_path,
+                      loss="block_diffusion", student_block_size=14, steps=3, log_every=1, save_every=100)
+    trainer = Trainer(cfg, progress=False)
+    assert trainer.model.num_blocks == TINY["horizon"] * TINY["action_dim"] // 14
+    trainer.train()
+    policy = FastDVLAPolicy.from_pretrained(trainer.export())
+    assert policy.model.block_size == 14 == policy.model.config.block_size
+    assert FastDVLAPolicy.from_pretrained(t_path).model.block_size == 7  # the teacher on disk is untouched
+    prefix = random_prefix(policy.model, batch=2, seed=3)
+    result = decode(policy.model, prefix, DecodeConfig(method="fast_dvla"))
+    assert (result.tokens != policy.model.mask_token_id).all() and result.stats.nfe >= 2
+    with pytest.raises(ValueError, match="does not divide"):
+        Trainer(TrainConfig(stage="distill", data=synthetic, out=str(tmp_path / "k5"), teacher=t_path,
+                            student_block_size=5), progress=False)
+    for bad in (0, 7.5):
+        with pytest.raises(ValueError, match="student_block_size"):
+            TrainConfig(stage="distill", data="d", out="o", teacher="t", student_block_size=bad)
+    with pytest.raises(ValueError, match="distill stage"):
+        TrainConfig(stage="teacher", data="d", out="o", student_block_size=14)
+
+
 def test_resume_gives_the_same_weights(synthetic, tmp_path):
     def cfg(out):
         return TrainConfig(stage="teacher", data=synthetic, out=str(out), model=dict(TINY), steps=12,

@@ -24,6 +24,9 @@ class TrainConfig:
     lora_rank: int = 32
     # distill stage: share of samples whose trailing blocks are all [MASK] (noise.mask_tails; 0 = D2F's scheme)
     masked_tail_prob: float = 0.0
+    # distill stage: tokens per block of the student (default: the teacher's, the action dim); a
+    # multiple of the action dim lets a block hold several timesteps decoded jointly (DESIGN.md s.2)
+    student_block_size: int | None = None
     steps: int = 1000
     batch_size: int = 32
     lr: float = 3e-4
@@ -65,6 +68,11 @@ class TrainConfig:
             bad(f"masked_tail_prob must be in [0, 1], got {self.masked_tail_prob!r}")
         if self.masked_tail_prob and self.stage != "distill":
             bad("masked_tail_prob applies to the distill stage (the teacher's noise covers every ratio)")
+        if self.student_block_size is not None:
+            if not isinstance(self.student_block_size, int) or self.student_block_size < 1:
+                bad(f"student_block_size must be a positive integer, got {self.student_block_size!r}")
+            if self.stage != "distill":
+                bad("student_block_size applies to the distill stage (a teacher attends bidirectionally)")
         if not all(isinstance(i, int) and i >= 0 for i in self.state_ignore):
             bad(f"state_ignore must be a list of state indices, got {self.state_ignore!r}")
         if self.init_from and self.stage != "teacher":

@@ -15,7 +15,7 @@ import math
 import os
 import random
 import time
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, fields, replace
 
 import numpy as np
 import torch
@@ -67,6 +67,12 @@ class StageLoss(nn.Module):
 RESUMABLE_CHANGES = ("out", "steps", "log_every", "save_every", "threads")
 
 
+def set_block_size(model: ReferenceDVLA, block_size: int) -> None:
+    """Re-block ``model`` (weights do not depend on it); raises if it does not divide the chunk."""
+    model.config = replace(model.config, block_size=block_size)
+    model.block_size = block_size
+
+
 def changed_settings(saved: dict, current: dict) -> list[str]:
     """Settings of ``current`` that differ from a checkpoint's ``saved`` config (a setting
     added since that checkpoint was written counts as its default there)."""
@@ -114,6 +120,9 @@ class Trainer:
         else:
             self.teacher_policy = FastDVLAPolicy.from_pretrained(config.teacher)
             tp = self.teacher_policy
+            if config.student_block_size:
+                # the teacher attends bidirectionally: its block size only shapes the student
+                set_block_size(tp.model, config.student_block_size)
             self.dataset = dataset or ChunkDataset(config.data, tp.model.config, tp.action_tokenizer, tp.state_norm,
                                                    max_episodes=config.max_episodes, progress=self.progress)
             if config.student == "lora":
