@@ -3,11 +3,14 @@ machine, in one process. Prints NFE and query tokens per chunk (machine-
 independent), latency, action tokens/s and the speedup over vanilla.
 
     fast-dvla micro-bench [--teacher DIR --student DIR] [--batch 1] [--repeats 10]
+    fast-dvla micro-bench --data data/libero_object_demos_v3 --decoders vanilla,fast_dvla --repeats 48
 
 Without checkpoints it uses the shipped LIBERO-Object reference teacher and
 student; with ``--random`` a randomly initialised model, whose near-uniform
 confidences make the thresholded decoders fall back to the 1/n rule (the
-engine's cost, not a trained policy's). Observations are random images.
+engine's cost, not a trained policy's). Observations are random images, or
+with ``--data`` frames drawn from recorded demonstrations (what a trained
+policy's confidences, hence its NFE, look like in use).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import numpy as np
 import torch
 
 from fast_dvla import DecodeConfig, FastDVLAPolicy
+from fast_dvla.config import METHODS
 from fast_dvla.model import ModelConfig, ReferenceDVLA
 from fast_dvla.tokenizer import ActionTokenizer
 
@@ -62,9 +66,20 @@ def run(args) -> dict:
         model_desc = "random-init reference model (no checkpoint given)"
     base = DecodeConfig(tau_conf=args.tau_conf, tau_add=args.tau_add, tau_act=args.tau_act,
                         vanilla_steps=args.vanilla_steps)
-    obs = [random_observation(teacher, args.batch, args.seed + i) for i in range(args.repeats)]
-    rows = measure(teacher, student, obs, base, warmup=args.warmup)
-    return {"model": model_desc, "batch": args.batch, "repeats": args.repeats, "decode": base.to_dict(),
+    methods = args.decoders.split(",")
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise SystemExit(f"unknown decoders {sorted(unknown)}; expected some of {METHODS}")
+    if args.data:
+        if args.batch != 1:
+            raise SystemExit("--data times one demonstration frame per chunk: use --batch 1")
+        from .fidelity import sample_frames
+        obs = [o for o, _ in sample_frames(args.data, args.repeats, teacher.model.config.horizon, args.seed)]
+    else:
+        obs = [random_observation(teacher, args.batch, args.seed + i) for i in range(args.repeats)]
+    rows = measure(teacher, student, obs, base, methods, warmup=args.warmup)
+    return {"model": model_desc, "observations": args.data or "random", "batch": args.batch, "repeats": len(obs),
+            "decode": base.to_dict(),
             "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
             "peak_rss_mb": process_peak_rss_mb(), "date": datetime.date.today().isoformat(), "results": rows}
 
@@ -73,6 +88,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", help="teacher checkpoint directory (vanilla, fast_dllm)")
     p.add_argument("--student", help="student checkpoint directory (block_diffusion, fast_dvla)")
     p.add_argument("--random", action="store_true", help="a random-init model even if the reference is shipped")
+    p.add_argument("--data", help="time on frames of these demonstrations (an episodes directory) "
+                   "instead of random images")
+    p.add_argument("--decoders", default=",".join(METHODS))
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=10, help="observations timed (each once per decoder)")
     p.add_argument("--warmup", type=int, default=2)

@@ -1,6 +1,8 @@
 import argparse
 import json
 
+import pytest
+
 from fast_dvla.eval import micro_bench
 
 
@@ -17,3 +19,21 @@ def test_micro_bench_reports_every_decoder(tmp_path):
     # the exact cache forwards far fewer query tokens than recomputing everything
     assert rows["fast_dvla"]["query_tokens"] < rows["vanilla"]["query_tokens"] / 2
     assert all(r["tokens_per_s"] > 0 and r["p90_ms"] >= r["latency_ms"] for r in rows.values())
+
+
+def test_micro_bench_times_demonstration_frames(tmp_path):
+    from fast_dvla.training.synthetic import write_synthetic_dataset
+
+    data = write_synthetic_dataset(str(tmp_path / "demos"), 2, image_size=64, T=5)
+    parser = argparse.ArgumentParser()
+    micro_bench.add_arguments(parser)
+    args = parser.parse_args(["--random", "--data", data, "--decoders", "vanilla,fast_dvla", "--repeats", "3",
+                              "--warmup", "0", "--out", str(tmp_path / "r.json")])
+    micro_bench.main(args)
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["observations"] == data and result["repeats"] == 3
+    assert [r["method"] for r in result["results"]] == ["vanilla", "fast_dvla"]
+    for bad, match in ((["--decoders", "vanila"], "unknown decoders"), (["--batch", "2"], "--batch 1")):
+        args = parser.parse_args(["--random", "--data", data, *bad])
+        with pytest.raises(SystemExit, match=match):
+            micro_bench.run(args)
