@@ -144,7 +144,7 @@ def run(args) -> dict:
                 result.update(task=task, init=init)
                 episodes[m].append(result)
                 bar.update(1)
-                bar.set_postfix({k[:6]: f"{np.mean([e['success'] for e in v]):.2f}" for k, v in episodes.items() if v})
+                bar.set_postfix({k: f"{np.mean([e['success'] for e in v]):.2f}" for k, v in episodes.items() if v})
     bar.close()
     result = {"suite": args.suite, "decode": {m: c.to_dict() for m, c in configs.items()},
               "date": datetime.date.today().isoformat(), "machine": platform.machine(),
