@@ -33,7 +33,7 @@ from .micro_bench import reference_checkpoint as default_checkpoint
 from .record_libero_demos import parse_range
 from .report import markdown_table, write_json
 from .throughput import COLUMNS as SPEED_COLUMNS
-from .throughput import measure, policy_configs, policy_for, process_peak_rss_mb
+from .throughput import measure, parse_decoders, policy_configs, policy_for, process_peak_rss_mb
 
 
 def run_episode(env, policy: FastDVLAPolicy, config: DecodeConfig, init: int, keep_obs: list | None,
@@ -119,12 +119,9 @@ def task_envs(suite: str, jobs: list[tuple[int, int]], config):
 def run(args) -> dict:
     jobs = sharded_jobs(args.suite, args.tasks, args.init_states, args.shard)  # bad ids fail before any loading
     shard = parse_shard(args.shard)[0]
+    methods = parse_decoders(args.decoders)
     teacher = FastDVLAPolicy.from_pretrained(args.teacher or default_checkpoint("teacher"))
     student = FastDVLAPolicy.from_pretrained(args.student or default_checkpoint("student"))
-    methods = [m for m in args.decoders.split(",")]
-    unknown = set(methods) - set(METHODS)
-    if unknown:
-        raise SystemExit(f"unknown decoders {sorted(unknown)}; expected some of {METHODS}")
     overrides = dict(tau_conf=args.tau_conf, tau_add=args.tau_add, tau_act=args.tau_act,
                      vanilla_steps=args.vanilla_steps)
     try:

@@ -31,6 +31,7 @@ from fast_dvla.data import list_episodes, read_dataset_info, read_episode
 from fast_dvla.training.trainer import load_policy  # noqa: F401  (also this module's API)
 
 from .report import markdown_table, write_json
+from .throughput import parse_decoders
 
 
 def sample_frames(root: str, n: int, horizon: int, seed: int) -> list[tuple[dict, np.ndarray]]:
@@ -114,10 +115,7 @@ def main(args) -> None:
     if args.frames < 1:
         raise SystemExit("--frames must be >= 1")
     policy = load_policy(args.policy)
-    methods = args.decoders.split(",") if args.decoders else [policy.decode_config.method]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise SystemExit(f"unknown decoders {unknown}; expected some of {METHODS}")
+    methods = parse_decoders(args.decoders) if args.decoders else [policy.decode_config.method]
     try:
         taus = [None] if args.tau_conf is None else [float(t) for t in args.tau_conf.split(",")]
         for t in taus:  # out-of-range thresholds fail here, before any frame is decoded

@@ -28,7 +28,7 @@ from fast_dvla.model import ModelConfig, ReferenceDVLA
 from fast_dvla.tokenizer import ActionTokenizer
 
 from .report import markdown_table, write_json
-from .throughput import COLUMNS, measure, process_peak_rss_mb
+from .throughput import COLUMNS, measure, parse_decoders, process_peak_rss_mb
 
 
 def reference_checkpoint(kind: str) -> str:
@@ -53,6 +53,7 @@ def random_observation(policy: FastDVLAPolicy, batch: int, seed: int) -> dict:
 
 
 def run(args) -> dict:
+    methods = parse_decoders(args.decoders)  # before any loading
     if bool(args.teacher) != bool(args.student):
         raise SystemExit("give both --teacher and --student, or neither")
     if not args.teacher and not args.random and os.path.isdir(reference_checkpoint("teacher")):
@@ -66,10 +67,6 @@ def run(args) -> dict:
         model_desc = "random-init reference model (no checkpoint given)"
     base = DecodeConfig(tau_conf=args.tau_conf, tau_add=args.tau_add, tau_act=args.tau_act,
                         vanilla_steps=args.vanilla_steps)
-    methods = args.decoders.split(",")
-    unknown = set(methods) - set(METHODS)
-    if unknown:
-        raise SystemExit(f"unknown decoders {sorted(unknown)}; expected some of {METHODS}")
     if args.data:
         if args.batch != 1:
             raise SystemExit("--data times one demonstration frame per chunk: use --batch 1")

@@ -19,6 +19,15 @@ from .timing import summarize, timed
 TEACHER_METHODS = ("vanilla", "fast_dllm")
 
 
+def parse_decoders(text: str) -> list[str]:
+    """``"vanilla,fast_dvla"`` -> ``["vanilla", "fast_dvla"]``; exits naming any unknown decoder."""
+    methods = text.split(",")
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"unknown decoders {unknown}; expected some of {METHODS}")
+    return methods
+
+
 def policy_for(method: str, teacher: FastDVLAPolicy, student: FastDVLAPolicy) -> FastDVLAPolicy:
     return teacher if method in TEACHER_METHODS else student
 

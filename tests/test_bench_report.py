@@ -33,21 +33,25 @@ def test_merge_keeps_every_episode_and_one_speed_measurement(tmp_path):
     assert "| task | vanilla | fast_dvla |" in table and "| 0 | 2/2 | 2/2 |" in table and "| 1 | 1/2 | 1/2 |" in table
 
 
-def test_each_decoder_runs_with_its_policys_saved_settings_unless_overridden():
-    from fast_dvla import DecodeConfig, FastDVLAPolicy
-    from fast_dvla.eval.throughput import policy_configs
+def tiny_policy(**kwargs):
+    """A random tiny policy (``FastDVLAPolicy`` keyword arguments: decode_config, n_action_steps)."""
+    from fast_dvla import FastDVLAPolicy
     from fast_dvla.tokenizer import ActionTokenizer
 
     from helpers import tiny_model
 
-    def policy(config):
-        model = tiny_model()
-        tok = ActionTokenizer(np.full(model.config.action_dim, -1.0), np.ones(model.config.action_dim),
-                              model.config.n_bins)
-        return FastDVLAPolicy(model, tok, decode_config=config)
+    model = tiny_model()
+    cfg = model.config
+    tok = ActionTokenizer(np.full(cfg.action_dim, -1.0), np.ones(cfg.action_dim), cfg.n_bins)
+    return FastDVLAPolicy(model, tok, **kwargs)
 
-    teacher = policy(DecodeConfig(method="vanilla", tau_conf=0.5, vanilla_steps=10))
-    student = policy(DecodeConfig(method="fast_dvla", tau_conf=0.2, tau_act=0.6))
+
+def test_each_decoder_runs_with_its_policys_saved_settings_unless_overridden():
+    from fast_dvla import DecodeConfig
+    from fast_dvla.eval.throughput import policy_configs
+
+    teacher = tiny_policy(decode_config=DecodeConfig(method="vanilla", tau_conf=0.5, vanilla_steps=10))
+    student = tiny_policy(decode_config=DecodeConfig(method="fast_dvla", tau_conf=0.2, tau_act=0.6))
     configs = policy_configs(["vanilla", "fast_dllm", "block_diffusion", "fast_dvla"], teacher, student)
     assert {m: c.method for m, c in configs.items()} == {m: m for m in configs}
     assert configs["fast_dllm"].tau_conf == 0.5 and configs["vanilla"].vanilla_steps == 10
@@ -74,19 +78,10 @@ def test_shards_split_the_task_and_initial_state_pairs():
 
 
 def test_action_hz_counts_the_steps_each_policy_executes_per_chunk():
-    from fast_dvla import DecodeConfig, FastDVLAPolicy
+    from fast_dvla import DecodeConfig
     from fast_dvla.eval.throughput import measure
-    from fast_dvla.tokenizer import ActionTokenizer
 
-    from helpers import tiny_model
-
-    def policy(n_action_steps):
-        model = tiny_model()
-        cfg = model.config
-        tok = ActionTokenizer(np.full(cfg.action_dim, -1.0), np.ones(cfg.action_dim), cfg.n_bins)
-        return FastDVLAPolicy(model, tok, decode_config=DecodeConfig(), n_action_steps=n_action_steps)
-
-    teacher, student = policy(None), policy(2)
+    teacher, student = tiny_policy(), tiny_policy(n_action_steps=2)
     cfg = teacher.model.config
     rng = np.random.default_rng(0)
     obs = {"images": {c: rng.integers(0, 255, (cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
