@@ -83,7 +83,7 @@ def run(args) -> dict:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", help="teacher checkpoint directory (vanilla, fast_dllm)")
-    p.add_argument("--student", help="student checkpoint directory (block_diffusion, fast_dvla)")
+    p.add_argument("--student", help="student checkpoint directory (block_diffusion, fast_dvla, vanilla_cached)")
     p.add_argument("--random", action="store_true", help="a random-init model even if the reference is shipped")
     p.add_argument("--data", help="time on frames of these demonstrations (an episodes directory) "
                    "instead of random images")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 
-METHODS = ("vanilla", "fast_dllm", "block_diffusion", "fast_dvla")
+METHODS = ("vanilla", "fast_dllm", "block_diffusion", "fast_dvla", "vanilla_cached")
 SCHEDULES = ("cosine", "linear")
 
 
@@ -14,14 +14,15 @@ class DecodeConfig:
     method: ``vanilla`` (bidirectional teacher, MaskGIT-style, no cache),
         ``fast_dllm`` (teacher, approximate dual cache refreshed per block,
         confidence threshold), ``block_diffusion`` (student, blocks one after
-        another, exact cache) or ``fast_dvla`` (student, pipelined blocks,
-        exact cache).
+        another, exact cache), ``fast_dvla`` (student, pipelined blocks,
+        exact cache) or ``vanilla_cached`` (student, vanilla's schedule,
+        exact cache of the prefix and leading complete blocks).
     tau_conf: confidence threshold for committing a token.
     tau_add: decoded fraction of the last block at which a new block is added.
     tau_act: decoded fraction of a block's predecessor at which it becomes
         fully activated (and so must commit at least 1/n of its rest per step).
     fallback_n: the ``n`` of that 1/n rule.
-    vanilla_steps: forward passes of vanilla decoding.
+    vanilla_steps: forward passes of vanilla decoding (both kinds).
     schedule: how many tokens vanilla decoding commits per step.
     fast_dllm_block_size: block length for the Fast-dLLM baseline (default:
         the model's block size).

@@ -10,7 +10,7 @@ from fast_dvla.decoding.unmask import (block_threshold_commit, fallback_steps_pe
                                        threshold_or_top1_commit, topk_commit)
 from helpers import ScriptedModel, fallback_steps, random_prefix, scripted_prefix, tiny_model
 
-METHODS = ["vanilla", "fast_dllm", "block_diffusion", "fast_dvla"]
+METHODS = ["vanilla", "fast_dllm", "block_diffusion", "fast_dvla", "vanilla_cached"]
 
 
 def scripted(conf_rows, k=7, seed=0):
@@ -66,7 +66,7 @@ def test_every_decode_ends_within_its_bound(method, level):
     config = DecodeConfig(method=method, tau_conf=0.5)
     result = decode(model, scripted_prefix(2), config)
     assert torch.equal(result.tokens, target)  # every token committed to the model's prediction
-    assert model.num_blocks <= result.stats.nfe <= max_nfe(model, config) or method == "vanilla"
+    assert model.num_blocks <= result.stats.nfe <= max_nfe(model, config) or method.startswith("vanilla")
     assert result.stats.nfe <= max_nfe(model, config)
     assert result.stats.committed_matrix().sum(0).tolist() == [28, 28]
 
@@ -116,6 +116,19 @@ def test_blocks_are_cached_only_when_complete_and_in_order():
     for t, c in zip(trace, cached):
         assert t["complete_before"][:, :c].all()  # complete in every row before the forward that cached it
         assert t["window_blocks"][0] <= c
+
+
+def test_vanilla_cached_caches_blocks_as_they_complete():
+    """Confidence falling slot by slot: the linear schedule commits 4 tokens per forward in
+    slot order, so block b is complete before forward 2b + 2 and read from the cache after it."""
+    model, target = scripted([torch.linspace(0.99, 0.1, 28).tolist()], k=7)
+    trace = []
+    result = decode(model, scripted_prefix(1, 3), DecodeConfig(method="vanilla_cached", vanilla_steps=7,
+                                                                schedule="linear"), trace=trace)
+    assert torch.equal(result.tokens, target)
+    assert result.stats.committed_matrix()[:, 0].tolist() == [4] * 7
+    assert [t["final_len"] for t in trace] == [3, 3, 10, 10, 17, 17, 24]
+    assert result.stats.query_tokens == 31 + 28 + 28 + 21 + 21 + 14 + 14
 
 
 # -- batches ------------------------------------------------------------------

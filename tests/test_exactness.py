@@ -105,3 +105,45 @@ def test_eager_attention_matches_sdpa():
     model.set_attn_backend("eager")
     _, eager = run(model, prefix, config)
     assert max_logit_gap(sdpa, eager) < 1e-5
+
+
+def _vanilla_cached_gap(trace_cached, trace_full):
+    """Largest logit difference over the positions the cached forward recomputed."""
+    return max((a["logits"] - b["logits"][:, -a["logits"].shape[1]:]).abs().max().item()
+               for a, b in zip(trace_cached, trace_full))
+
+
+@pytest.mark.parametrize("seed,batch", [(7, 1), (8, 3)])
+def test_vanilla_cached_equals_its_uncached_reference(seed, batch):
+    """The teacher's schedule on the student: reading the prefix and complete blocks from the
+    cache must give what recomputing the whole block-causal sequence gives."""
+    model = tiny_model(seed, sharpness=SHARP)
+    prefix = random_prefix(model, batch, seed)
+    config = DecodeConfig(method="vanilla_cached", vanilla_steps=16)
+    trace_c, trace_f, trace_t = [], [], []
+    cached = decode(model, prefix, config, trace=trace_c)
+    full = decode(model, prefix, config.replace(use_cache=False), trace=trace_f)
+    assert torch.equal(cached.tokens, full.tokens)
+    assert _vanilla_cached_gap(trace_c, trace_f) < 1e-5
+    assert cached.stats.nfe == full.stats.nfe == 16
+    assert cached.stats.query_tokens < full.stats.query_tokens
+    # it decodes the student's mask: the teacher's bidirectional forwards give other logits
+    decode(model, prefix, config.replace(method="vanilla"), trace=trace_t)
+    assert (trace_t[0]["logits"] - trace_f[0]["logits"]).abs().max().item() > 1e-3
+
+
+def test_vanilla_cached_caching_an_incomplete_block_is_caught(monkeypatch):
+    from fast_dvla.decoding import vanilla
+
+    model = tiny_model(9, sharpness=SHARP)
+    prefix = random_prefix(model, 2, 9)
+    config = DecodeConfig(method="vanilla_cached", vanilla_steps=10)
+    reference = []
+    decode(model, prefix, config.replace(use_cache=False), trace=reference)
+    # one block further than complete: its keys/values were computed with [MASK]s still in it
+    monkeypatch.setattr(vanilla, "leading_complete_blocks",
+                        lambda complete: torch.clamp(pipelined.leading_complete_blocks(complete) + 1,
+                                                     max=complete.shape[1] - 1))
+    broken = []
+    decode(model, prefix, config, trace=broken)
+    assert _vanilla_cached_gap(broken, reference) > 1e-3

@@ -13,11 +13,14 @@ def test_micro_bench_reports_every_decoder(tmp_path):
     micro_bench.main(args)
     result = json.loads((tmp_path / "r.json").read_text())
     rows = {r["method"]: r for r in result["results"]}
-    assert set(rows) == {"vanilla", "fast_dllm", "block_diffusion", "fast_dvla"}
+    assert set(rows) == {"vanilla", "fast_dllm", "block_diffusion", "fast_dvla", "vanilla_cached"}
     assert rows["vanilla"]["speedup"] == 1.0
     assert rows["vanilla"]["nfe"] == 12 and rows["vanilla"]["query_tokens"] == 12 * (49 + 56)
     # the exact cache forwards far fewer query tokens than recomputing everything
     assert rows["fast_dvla"]["query_tokens"] < rows["vanilla"]["query_tokens"] / 2
+    # the teacher's schedule on the student: as many forwards, the prefix never recomputed
+    assert rows["vanilla_cached"]["nfe"] == 12
+    assert rows["vanilla_cached"]["query_tokens"] <= 49 + 12 * 56
     assert all(r["tokens_per_s"] > 0 and r["p90_ms"] >= r["latency_ms"] for r in rows.values())
 
 

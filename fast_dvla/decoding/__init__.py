@@ -16,6 +16,7 @@ DECODERS = {
     "fast_dllm": decode_fast_dllm,
     "block_diffusion": decode_pipelined,
     "fast_dvla": decode_pipelined,
+    "vanilla_cached": decode_vanilla,
 }
 
 
@@ -53,7 +54,7 @@ def decode(model: DVLAModel, prefix: torch.Tensor, config: DecodeConfig | None =
 
 def max_nfe(model: DVLAModel, config: DecodeConfig) -> int:
     """The most forwards a decode can take (the bound the tests check)."""
-    if config.method == "vanilla":
+    if config.method in ("vanilla", "vanilla_cached"):
         return min(config.vanilla_steps, model.chunk_len)
     if config.method == "fast_dllm":
         return model.chunk_len  # at least one token per forward

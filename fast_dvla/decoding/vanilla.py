@@ -1,40 +1,64 @@
-"""Vanilla dVLA decoding: the bidirectional teacher, MaskGIT-style
-confidence unmasking over a fixed number of steps, every forward
-recomputing the whole sequence (no cache is exact for a bidirectional model)."""
+"""Vanilla dVLA decoding: MaskGIT-style confidence unmasking over a fixed
+number of steps, each committing the most confident tokens per a schedule.
+
+``vanilla``: the bidirectional teacher, every forward recomputing the whole
+sequence (no cache is exact for a bidirectional model).
+
+``vanilla_cached``: the same schedule on the block-causal student. Its
+prefix never sees action tokens and a complete block's keys/values never
+change, so each forward reads the prefix and the leading complete blocks
+from the exact cache and recomputes only the rest of the chunk. The commits
+are the teacher's rule, so it trades Fast-dVLA's forwards for its sampler.
+"""
 from __future__ import annotations
 
 import torch
 
 from ..backbone import DVLAModel
 from ..config import DecodeConfig
-from ..masks import BIDIRECTIONAL
+from ..masks import BIDIRECTIONAL, BLOCK_CAUSAL
 from .common import DecodeResult, DecodeStats, WindowForward, confidences, make_generator
+from .pipelined import leading_complete_blocks
 from .unmask import masked_after_step, topk_commit
 
 
 def decode_vanilla(model: DVLAModel, prefix: torch.Tensor, config: DecodeConfig,
                    trace: list | None = None, _forward: WindowForward | None = None) -> DecodeResult:
     B, P = prefix.shape[:2]
-    L = model.chunk_len
-    fwd = _forward or WindowForward(model, prefix, None)
+    L, k = model.chunk_len, model.block_size
+    student = config.method == "vanilla_cached"
+    cached = student and config.use_cache
+    if _forward is not None:
+        fwd = _forward
+    else:
+        fwd = WindowForward(model, prefix, model.new_cache(B, P + L) if cached else None)
     gen = make_generator(config.seed, prefix.device)
     stats = DecodeStats(config.method)
     tokens = torch.full((B, L), model.mask_token_id, dtype=torch.long, device=prefix.device)
     committed = torch.zeros(B, L, dtype=torch.bool, device=prefix.device)
+    final_len = 0  # leading positions whose keys/values are final (cached decoding only)
     masked = L
     for step in range(config.vanilla_steps):
         if masked == 0:
             break
-        logits = fwd(tokens, 0, P + L, BIDIRECTIONAL, use_cache=False)
+        if cached:
+            logits = fwd(tokens, final_len, P + L, BLOCK_CAUSAL, use_cache=True)
+        else:
+            logits = fwd(tokens, 0, P + L, BLOCK_CAUSAL if student else BIDIRECTIONAL, use_cache=False)
+        a0 = L - logits.shape[1]  # positions before the window are committed and cached
         conf, pred = confidences(logits, config.temperature, gen)
         # at least one token per forward, so no forward is wasted
         target = masked_after_step(L, config.vanilla_steps, step, config.schedule)
         count = max(1, masked - target)
-        commit = topk_commit(conf, ~committed, count)
-        tokens = torch.where(commit, pred, tokens)
-        committed |= commit
+        complete_before = committed.view(B, -1, k).all(-1)
+        commit = topk_commit(conf, ~committed[:, a0:], count)
+        tokens[:, a0:] = torch.where(commit, pred, tokens[:, a0:])
+        committed[:, a0:] |= commit
         masked -= count
-        stats.record(P + L, commit.sum(-1))
+        stats.record(P + L - (final_len if cached else 0), commit.sum(-1))
+        if cached:  # blocks complete before this forward got their final keys/values in it
+            final_len = P + int(leading_complete_blocks(complete_before)) * k
+            fwd.cache.commit(final_len)
         if trace is not None:
-            trace.append({"logits": logits.detach().clone(), "committed": committed.clone()})
+            trace.append({"logits": logits.detach().clone(), "committed": committed.clone(), "final_len": final_len})
     return DecodeResult(tokens, stats)
