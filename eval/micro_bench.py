@@ -22,13 +22,13 @@ import platform
 import numpy as np
 import torch
 
-from fast_dvla import DecodeConfig, FastDVLAPolicy
+from fast_dvla import FastDVLAPolicy
 from fast_dvla.config import METHODS
 from fast_dvla.model import ModelConfig, ReferenceDVLA
 from fast_dvla.tokenizer import ActionTokenizer
 
 from .report import markdown_table, write_json
-from .throughput import COLUMNS, measure, parse_decoders, process_peak_rss_mb
+from .throughput import COLUMNS, measure, parse_decoders, policy_configs, process_peak_rss_mb
 
 
 def reference_checkpoint(kind: str) -> str:
@@ -65,8 +65,9 @@ def run(args) -> dict:
     else:
         teacher = student = random_policy(args.seed)
         model_desc = "random-init reference model (no checkpoint given)"
-    base = DecodeConfig(tau_conf=args.tau_conf, tau_add=args.tau_add, tau_act=args.tau_act,
-                        vanilla_steps=args.vanilla_steps)
+    # each decoder with the settings saved in the policy that runs it, as bench libero does
+    configs = policy_configs(methods, teacher, student, tau_conf=args.tau_conf, tau_add=args.tau_add,
+                             tau_act=args.tau_act, vanilla_steps=args.vanilla_steps)
     if args.data:
         if args.batch != 1:
             raise SystemExit("--data times one demonstration frame per chunk: use --batch 1")
@@ -74,9 +75,9 @@ def run(args) -> dict:
         obs = [o for o, _ in sample_frames(args.data, args.repeats, teacher.model.config.horizon, args.seed)]
     else:
         obs = [random_observation(teacher, args.batch, args.seed + i) for i in range(args.repeats)]
-    rows = measure(teacher, student, obs, base, methods, warmup=args.warmup)
+    rows = measure(teacher, student, obs, configs, methods, warmup=args.warmup)
     return {"model": model_desc, "observations": args.data or "random", "batch": args.batch, "repeats": len(obs),
-            "decode": base.to_dict(),
+            "decode": {m: c.to_dict() for m, c in configs.items()},
             "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
             "peak_rss_mb": process_peak_rss_mb(), "date": datetime.date.today().isoformat(), "results": rows}
 
@@ -91,10 +92,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=10, help="observations timed (each once per decoder)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--tau-conf", type=float, default=0.5)
-    p.add_argument("--tau-add", type=float, default=0.5)
-    p.add_argument("--tau-act", type=float, default=0.7)
-    p.add_argument("--vanilla-steps", type=int, default=12)
+    own = "default: the setting saved in the policy that runs each decoder"
+    p.add_argument("--tau-conf", type=float, help=own)
+    p.add_argument("--tau-add", type=float, help=own)
+    p.add_argument("--tau-act", type=float, help=own)
+    p.add_argument("--vanilla-steps", type=int, help=own)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the results as JSON here")
 

@@ -50,7 +50,7 @@ def test_select_action_serves_a_queue():
     assert batch.select_action(obs(batch=2)).shape == (2, 7)
 
 
-def test_export_saves_the_thresholds_tuned_for_a_policy(tmp_path):
+def test_export_saves_the_decoding_settings_chosen_for_a_policy(tmp_path):
     from fast_dvla.cli import main as cli
 
     make_policy(decode_config=DecodeConfig(method="fast_dvla", tau_conf=0.5)).save_pretrained(tmp_path / "run")
@@ -60,6 +60,12 @@ def test_export_saves_the_thresholds_tuned_for_a_policy(tmp_path):
     assert exported.model.action_embed.weight.dtype == torch.float32  # stored half, loaded in the model's dtype
     with pytest.raises(SystemExit, match="tau_conf"):
         cli(["export", "--policy", str(tmp_path / "run"), "--out", str(tmp_path / "bad"), "--tau-conf", "1.5"])
+    cli(["export", "--policy", str(tmp_path / "run"), "--out", str(tmp_path / "sampler"),
+         "--method", "vanilla_cached", "--vanilla-steps", "5"])
+    chosen = FastDVLAPolicy.from_pretrained(str(tmp_path / "sampler")).decode_config
+    assert chosen == DecodeConfig(method="vanilla_cached", vanilla_steps=5)
+    with pytest.raises(SystemExit, match="vanilla_steps"):
+        cli(["export", "--policy", str(tmp_path / "run"), "--out", str(tmp_path / "bad"), "--vanilla-steps", "0"])
 
 
 def test_save_and_load_round_trip(tmp_path):
