@@ -8,7 +8,8 @@ sequence (no cache is exact for a bidirectional model).
 prefix never sees action tokens and a complete block's keys/values never
 change, so each forward reads the prefix and the leading complete blocks
 from the exact cache and recomputes only the rest of the chunk. The commits
-are the teacher's rule, so it trades Fast-dVLA's forwards for its sampler.
+are the teacher's rule; at fewer ``vanilla_steps`` than the teacher's 12 it
+is as fast as ``fast_dvla`` (the shipped LIBERO student uses 5).
 """
 from __future__ import annotations
 
