@@ -45,14 +45,12 @@ def test_micro_bench_times_demonstration_frames(tmp_path):
 def test_micro_bench_runs_each_decoder_with_its_policys_own_settings(tmp_path):
     """As bench libero: a student saved with vanilla_steps 5 decodes vanilla_cached in 5 forwards
     while the teacher's vanilla keeps its 12; a flag overrides both."""
-    import dataclasses
-
     from fast_dvla.training.synthetic import write_synthetic_dataset
 
     data = write_synthetic_dataset(str(tmp_path / "demos"), 1, image_size=64, T=3)
     teacher = micro_bench.random_policy(0)
     student = micro_bench.random_policy(1)
-    student.decode_config = dataclasses.replace(student.decode_config, vanilla_steps=5)
+    student.decode_config = student.decode_config.replace(vanilla_steps=5)
     teacher.save_pretrained(str(tmp_path / "t"))
     student.save_pretrained(str(tmp_path / "s"))
     parser = argparse.ArgumentParser()

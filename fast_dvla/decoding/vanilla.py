@@ -51,12 +51,13 @@ def decode_vanilla(model: DVLAModel, prefix: torch.Tensor, config: DecodeConfig,
         # at least one token per forward, so no forward is wasted
         target = masked_after_step(L, config.vanilla_steps, step, config.schedule)
         count = max(1, masked - target)
-        complete_before = committed.view(B, -1, k).all(-1)
+        # only the cached decode needs it: vanilla's loop is the baseline every speedup is timed against
+        complete_before = committed.view(B, -1, k).all(-1) if cached else None
         commit = topk_commit(conf, ~committed[:, a0:], count)
         tokens[:, a0:] = torch.where(commit, pred, tokens[:, a0:])
         committed[:, a0:] |= commit
         masked -= count
-        stats.record(P + L - (final_len if cached else 0), commit.sum(-1))
+        stats.record(P + L - final_len, commit.sum(-1))  # final_len stays 0 uncached
         if cached:  # blocks complete before this forward got their final keys/values in it
             final_len = P + int(leading_complete_blocks(complete_before)) * k
             fwd.cache.commit(final_len)
