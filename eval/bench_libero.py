@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from fast_dvla import DecodeConfig, FastDVLAPolicy
-from fast_dvla.config import METHODS
+from fast_dvla.config import METHODS, TOKEN_RULES
 
 from .micro_bench import reference_checkpoint as default_checkpoint
 from .record_libero_demos import parse_range
@@ -123,7 +123,7 @@ def run(args) -> dict:
     teacher = FastDVLAPolicy.from_pretrained(args.teacher or default_checkpoint("teacher"))
     student = FastDVLAPolicy.from_pretrained(args.student or default_checkpoint("student"))
     overrides = dict(tau_conf=args.tau_conf, tau_add=args.tau_add, tau_act=args.tau_act,
-                     vanilla_steps=args.vanilla_steps)
+                     vanilla_steps=args.vanilla_steps, token_rule=args.token_rule)
     try:
         configs = policy_configs(methods, teacher, student, **overrides)
         reference = policy_configs(["vanilla"], teacher, student, **overrides)["vanilla"]
@@ -219,7 +219,7 @@ def plot(rows: list[dict], path: str) -> None:
 
 def settings_text(decode: dict) -> str:
     """The thresholds each decoder ran with (older results hold one setting for all)."""
-    keys = ("tau_conf", "tau_add", "tau_act", "fallback_n", "vanilla_steps")
+    keys = ("tau_conf", "tau_add", "tau_act", "fallback_n", "vanilla_steps", "token_rule")
     per_method = decode if all(isinstance(v, dict) for v in decode.values()) else {"every decoder": decode}
     return "; ".join(f"{m}: " + ", ".join(f"{k}={c[k]}" for k in keys if k in c) for m, c in per_method.items())
 
@@ -262,6 +262,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tau-add", type=float, default=None, help="default: the student's own")
     p.add_argument("--tau-act", type=float, default=None, help="default: the student's own")
     p.add_argument("--vanilla-steps", type=int, default=None, help="default: the teacher's own")
+    p.add_argument("--token-rule", choices=TOKEN_RULES, default=None, help="argmax or mean, for every decoder "
+                   "(default: each policy's own)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own, one per core)")
     p.add_argument("--shard", default=None, help="i/n: run every n-th episode from the i-th (default: torchrun rank)")
     p.add_argument("--merge", nargs="+", help="merge shard JSON files instead of running")

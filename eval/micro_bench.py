@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from fast_dvla import FastDVLAPolicy
-from fast_dvla.config import METHODS
+from fast_dvla.config import METHODS, TOKEN_RULES
 from fast_dvla.model import ModelConfig, ReferenceDVLA
 from fast_dvla.tokenizer import ActionTokenizer
 
@@ -67,7 +67,8 @@ def run(args) -> dict:
         model_desc = "random-init reference model (no checkpoint given)"
     # each decoder with the settings saved in the policy that runs it, as bench libero does
     configs = policy_configs(methods, teacher, student, tau_conf=args.tau_conf, tau_add=args.tau_add,
-                             tau_act=args.tau_act, vanilla_steps=args.vanilla_steps)
+                             tau_act=args.tau_act, vanilla_steps=args.vanilla_steps,
+                             token_rule=args.token_rule)
     if args.data:
         if args.batch != 1:
             raise SystemExit("--data times one demonstration frame per chunk: use --batch 1")
@@ -97,6 +98,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tau-add", type=float, help=own)
     p.add_argument("--tau-act", type=float, help=own)
     p.add_argument("--vanilla-steps", type=int, help=own)
+    p.add_argument("--token-rule", choices=TOKEN_RULES, help=own)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the results as JSON here")
 

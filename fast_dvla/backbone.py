@@ -22,7 +22,10 @@ class DVLAModel(nn.Module):
 
     Subclasses set ``chunk_len`` (action tokens per chunk), ``block_size``,
     ``n_bins`` (action vocabulary; ``mask_token_id == n_bins``) and
-    implement the three methods below.
+    implement the three methods below. Optionally ``categorical_slots``
+    (``[chunk_len]`` bool): slots whose bins are categories rather than
+    ordered values (a gripper's open/close), where ``token_rule="mean"``
+    keeps the argmax; absent or None, every slot is ordinal.
     """
 
     chunk_len: int

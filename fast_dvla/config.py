@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 METHODS = ("vanilla", "fast_dllm", "block_diffusion", "fast_dvla", "vanilla_cached")
 SCHEDULES = ("cosine", "linear")
+TOKEN_RULES = ("argmax", "mean")
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,14 @@ class DecodeConfig:
         the model's block size).
     temperature: 0 for greedy; > 0 samples and uses the sampled token's
         probability as its confidence.
+    token_rule: which token a greedy commit writes. ``argmax``: the most
+        probable bin. ``mean``: the bin nearest the expected bin, at slots
+        whose bins are ordered values (every action dimension but a
+        gripper's, see ``DVLAModel``); the confidence is still the argmax's
+        probability. An action clipped at its limit piles its mass on the
+        end bin, so the argmax picks the limit while most of the mass says
+        "slowing down"; committed early, it drags the rest of the chunk
+        with it (ours, README: LIBERO).
     use_cache: False recomputes the whole sequence every forward (the exact
         reference the cached decoders are tested against).
     seed: seeds sampling when temperature > 0.
@@ -42,6 +51,7 @@ class DecodeConfig:
     schedule: str = "cosine"
     fast_dllm_block_size: int | None = None
     temperature: float = 0.0
+    token_rule: str = "argmax"
     use_cache: bool = True
     seed: int | None = None
 
@@ -62,6 +72,10 @@ class DecodeConfig:
             raise ValueError(f"fast_dllm_block_size must be >= 1, got {self.fast_dllm_block_size}")
         if not (self.temperature >= 0.0):  # also rejects NaN
             raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if self.token_rule not in TOKEN_RULES:
+            raise ValueError(f"unknown token_rule {self.token_rule!r}; expected one of {TOKEN_RULES}")
+        if self.token_rule == "mean" and self.temperature > 0:
+            raise ValueError("token_rule='mean' is a greedy rule: it needs temperature 0")
 
     def replace(self, **changes) -> "DecodeConfig":
         return replace(self, **changes)

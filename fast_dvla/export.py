@@ -8,12 +8,12 @@ import argparse
 
 import torch
 
-from .config import METHODS
+from .config import METHODS, TOKEN_RULES
 from .policy import FastDVLAPolicy
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 THRESHOLDS = ("tau_conf", "tau_add", "tau_act")
-SETTINGS = ("method",) + THRESHOLDS + ("vanilla_steps",)
+SETTINGS = ("method",) + THRESHOLDS + ("vanilla_steps", "token_rule")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,6 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--{name.replace('_', '-')}", type=float, default=None,
                        help=f"decoding {name} to save with the policy {keep}")
     p.add_argument("--vanilla-steps", type=int, help=f"forwards of the vanilla schedules {keep}")
+    p.add_argument("--token-rule", choices=TOKEN_RULES, help=f"which token a greedy commit writes {keep}")
 
 
 def main(args) -> None:

@@ -94,6 +94,13 @@ class ActionTokenizer:
             actions[..., d] = np.where(tokens[..., d] >= self.n_bins // 2, 1.0, -1.0)
         return actions
 
+    def categorical_slots(self, horizon: int) -> np.ndarray:
+        """``[horizon * A]`` bool over a chunk's token slots (time-major): those
+        whose bins are categories, not ordered values (the gripper's)."""
+        dims = np.zeros(self.action_dim, dtype=bool)
+        dims[list(self.gripper_dims)] = True
+        return np.tile(dims, horizon)
+
     def to_dict(self) -> dict:
         return {"q01": self.q01.tolist(), "q99": self.q99.tolist(), "n_bins": self.n_bins,
                 "gripper_dims": list(self.gripper_dims)}

@@ -17,6 +17,7 @@ CASES = [  # (seed, batch, config)
     (2, 2, DecodeConfig(method="fast_dvla", tau_conf=0.9, fallback_n=3)),
     (3, 2, DecodeConfig(method="block_diffusion", tau_conf=0.4)),
     (4, 2, DecodeConfig(method="fast_dvla", tau_conf=0.3, temperature=1.0, seed=7)),
+    (5, 2, DecodeConfig(method="fast_dvla", tau_conf=0.3, token_rule="mean")),
 ]
 
 

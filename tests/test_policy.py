@@ -66,6 +66,8 @@ def test_export_saves_the_decoding_settings_chosen_for_a_policy(tmp_path):
     assert chosen == DecodeConfig(method="vanilla_cached", vanilla_steps=5)
     with pytest.raises(SystemExit, match="vanilla_steps"):
         cli(["export", "--policy", str(tmp_path / "run"), "--out", str(tmp_path / "bad"), "--vanilla-steps", "0"])
+    cli(["export", "--policy", str(tmp_path / "run"), "--out", str(tmp_path / "mean"), "--token-rule", "mean"])
+    assert FastDVLAPolicy.from_pretrained(str(tmp_path / "mean")).decode_config.token_rule == "mean"
 
 
 def test_save_and_load_round_trip(tmp_path):

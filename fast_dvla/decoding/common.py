@@ -8,6 +8,7 @@ import torch
 from ..attention.layout import AttentionLayout
 from ..backbone import DVLAModel
 from ..cache import BlockKVCache
+from ..config import DecodeConfig
 from ..masks import dense_mask
 
 
@@ -89,18 +90,32 @@ class WindowForward:
         return self.model.action_logits(hidden[:, max(start, P) - start:])
 
 
-def confidences(logits: torch.Tensor, temperature: float, generator: torch.Generator | None):
+def confidences(logits: torch.Tensor, config: DecodeConfig, generator: torch.Generator | None,
+                categorical: torch.Tensor | None = None):
     """(confidence, token) per position: the argmax and its probability, or a
-    sample and its probability when ``temperature > 0``."""
+    sample and its probability when ``config.temperature > 0``. With
+    ``config.token_rule == "mean"`` the token is the bin nearest the expected
+    bin except where ``categorical`` (``[Q]`` bool) is set; the confidence is
+    still the argmax's probability, so the commit schedule is unchanged."""
     logits = logits.float()
-    if temperature > 0:
-        probs = torch.softmax(logits / temperature, dim=-1)
+    if config.temperature > 0:
+        probs = torch.softmax(logits / config.temperature, dim=-1)
         flat = probs.reshape(-1, probs.shape[-1])
         tokens = torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
         return probs.gather(-1, tokens[..., None]).squeeze(-1), tokens
     probs = torch.softmax(logits, dim=-1)
     conf, tokens = probs.max(dim=-1)
+    if config.token_rule == "mean":
+        bins = torch.arange(probs.shape[-1], dtype=probs.dtype, device=probs.device)
+        mean = (probs @ bins).round().long()
+        tokens = mean if categorical is None else torch.where(categorical.to(tokens.device), tokens, mean)
     return conf, tokens
+
+
+def categorical_window(model: DVLAModel, a0: int, a1: int) -> torch.Tensor | None:
+    """The model's ``categorical_slots`` over chunk slots ``[a0, a1)`` (None: every slot ordinal)."""
+    slots = getattr(model, "categorical_slots", None)
+    return None if slots is None else slots[a0:a1]
 
 
 def make_generator(seed: int | None, device) -> torch.Generator | None:

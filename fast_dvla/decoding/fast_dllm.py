@@ -16,7 +16,7 @@ import torch
 from ..backbone import DVLAModel
 from ..config import DecodeConfig
 from ..masks import BIDIRECTIONAL
-from .common import DecodeResult, DecodeStats, WindowForward, confidences, make_generator
+from .common import DecodeResult, DecodeStats, WindowForward, categorical_window, confidences, make_generator
 from .unmask import threshold_or_top1_commit
 
 
@@ -46,7 +46,7 @@ def decode_fast_dllm(model: DVLAModel, prefix: torch.Tensor, config: DecodeConfi
                 logits = fwd(tokens, P + a0, P + a1, BIDIRECTIONAL, use_cache=True, read_len=total)
                 query = a1 - a0
             refresh = False
-            conf, pred = confidences(logits, config.temperature, gen)
+            conf, pred = confidences(logits, config, gen, categorical_window(model, a0, a1))
             commit = threshold_or_top1_commit(conf, ~committed[:, a0:a1], config.tau_conf)
             tokens[:, a0:a1] = torch.where(commit, pred, tokens[:, a0:a1])
             committed[:, a0:a1] |= commit

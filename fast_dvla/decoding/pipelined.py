@@ -22,7 +22,7 @@ import torch
 from ..backbone import DVLAModel
 from ..config import DecodeConfig
 from ..masks import BLOCK_CAUSAL
-from .common import DecodeResult, DecodeStats, WindowForward, confidences, make_generator
+from .common import DecodeResult, DecodeStats, WindowForward, categorical_window, confidences, make_generator
 from .unmask import block_threshold_commit
 
 
@@ -87,7 +87,7 @@ def decode_pipelined(model: DVLAModel, prefix: torch.Tensor, config: DecodeConfi
         else:
             logits = fwd(tokens, 0, P + L, BLOCK_CAUSAL, use_cache=False)[:, a0:a1]
             query = P + L
-        conf, pred = confidences(logits, config.temperature, gen)
+        conf, pred = confidences(logits, config, gen, categorical_window(model, a0, a1))
 
         # 4. commit
         nb = last_block - first

@@ -18,7 +18,7 @@ import torch
 from ..backbone import DVLAModel
 from ..config import DecodeConfig
 from ..masks import BIDIRECTIONAL, BLOCK_CAUSAL
-from .common import DecodeResult, DecodeStats, WindowForward, confidences, make_generator
+from .common import DecodeResult, DecodeStats, WindowForward, categorical_window, confidences, make_generator
 from .pipelined import leading_complete_blocks
 from .unmask import masked_after_step, topk_commit
 
@@ -47,7 +47,7 @@ def decode_vanilla(model: DVLAModel, prefix: torch.Tensor, config: DecodeConfig,
         else:
             logits = fwd(tokens, 0, P + L, BLOCK_CAUSAL if student else BIDIRECTIONAL, use_cache=False)
         a0 = L - logits.shape[1]  # positions before the window are committed and cached
-        conf, pred = confidences(logits, config.temperature, gen)
+        conf, pred = confidences(logits, config, gen, categorical_window(model, a0, L))
         # at least one token per forward, so no forward is wasted
         target = masked_after_step(L, config.vanilla_steps, step, config.schedule)
         count = max(1, masked - target)
