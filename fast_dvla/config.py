@@ -36,7 +36,7 @@ class DecodeConfig:
         probability. An action clipped at its limit piles its mass on the
         end bin, so the argmax picks the limit while most of the mass says
         "slowing down"; committed early, it drags the rest of the chunk
-        with it (ours, README: LIBERO).
+        with it (ours; README, *The shipped reference model*).
     use_cache: False recomputes the whole sequence every forward (the exact
         reference the cached decoders are tested against).
     seed: seeds sampling when temperature > 0.
