@@ -123,7 +123,8 @@ def run(args) -> dict:
     teacher = FastDVLAPolicy.from_pretrained(args.teacher or default_checkpoint("teacher"))
     student = FastDVLAPolicy.from_pretrained(args.student or default_checkpoint("student"))
     overrides = dict(tau_conf=args.tau_conf, tau_add=args.tau_add, tau_act=args.tau_act,
-                     vanilla_steps=args.vanilla_steps, token_rule=args.token_rule)
+                     vanilla_steps=args.vanilla_steps, token_rule=args.token_rule,
+                     near_bins=args.near_bins)
     try:
         configs = policy_configs(methods, teacher, student, **overrides)
         reference = policy_configs(["vanilla"], teacher, student, **overrides)["vanilla"]
@@ -219,7 +220,7 @@ def plot(rows: list[dict], path: str) -> None:
 
 def settings_text(decode: dict) -> str:
     """The thresholds each decoder ran with (older results hold one setting for all)."""
-    keys = ("tau_conf", "tau_add", "tau_act", "fallback_n", "vanilla_steps", "token_rule")
+    keys = ("tau_conf", "tau_add", "tau_act", "fallback_n", "vanilla_steps", "token_rule", "near_bins")
     per_method = decode if all(isinstance(v, dict) for v in decode.values()) else {"every decoder": decode}
     return "; ".join(f"{m}: " + ", ".join(f"{k}={c[k]}" for k in keys if k in c) for m, c in per_method.items())
 
@@ -264,6 +265,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vanilla-steps", type=int, default=None, help="default: the teacher's own")
     p.add_argument("--token-rule", choices=TOKEN_RULES, default=None, help="argmax or mean, for every decoder "
                    "(default: each policy's own)")
+    p.add_argument("--near-bins", type=int, default=None, help="with mean: confidence = probability within this "
+                   "many bins (default: each policy's own)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own, one per core)")
     p.add_argument("--shard", default=None, help="i/n: run every n-th episode from the i-th (default: torchrun rank)")
     p.add_argument("--merge", nargs="+", help="merge shard JSON files instead of running")

@@ -68,7 +68,7 @@ def run(args) -> dict:
     # each decoder with the settings saved in the policy that runs it, as bench libero does
     configs = policy_configs(methods, teacher, student, tau_conf=args.tau_conf, tau_add=args.tau_add,
                              tau_act=args.tau_act, vanilla_steps=args.vanilla_steps,
-                             token_rule=args.token_rule)
+                             token_rule=args.token_rule, near_bins=args.near_bins)
     if args.data:
         if args.batch != 1:
             raise SystemExit("--data times one demonstration frame per chunk: use --batch 1")
@@ -99,6 +99,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tau-act", type=float, help=own)
     p.add_argument("--vanilla-steps", type=int, help=own)
     p.add_argument("--token-rule", choices=TOKEN_RULES, help=own)
+    p.add_argument("--near-bins", type=int, help=own)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the results as JSON here")
 

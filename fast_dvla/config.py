@@ -37,6 +37,11 @@ class DecodeConfig:
         end bin, so the argmax picks the limit while most of the mass says
         "slowing down"; committed early, it drags the rest of the chunk
         with it (ours; README, *The shipped reference model*).
+    near_bins: with ``token_rule="mean"``, the confidence of an ordinal slot
+        is the probability within ``near_bins`` bins of the committed bin
+        (0: the argmax's probability, as in the paper). A value spread over
+        a few neighbouring bins is certain enough to commit though no single
+        bin is likely, so the thresholds commit it sooner (ours).
     use_cache: False recomputes the whole sequence every forward (the exact
         reference the cached decoders are tested against).
     seed: seeds sampling when temperature > 0.
@@ -52,6 +57,7 @@ class DecodeConfig:
     fast_dllm_block_size: int | None = None
     temperature: float = 0.0
     token_rule: str = "argmax"
+    near_bins: int = 0
     use_cache: bool = True
     seed: int | None = None
 
@@ -76,6 +82,10 @@ class DecodeConfig:
             raise ValueError(f"unknown token_rule {self.token_rule!r}; expected one of {TOKEN_RULES}")
         if self.token_rule == "mean" and self.temperature > 0:
             raise ValueError("token_rule='mean' is a greedy rule: it needs temperature 0")
+        if not isinstance(self.near_bins, int) or self.near_bins < 0:
+            raise ValueError(f"near_bins must be an integer >= 0, got {self.near_bins!r}")
+        if self.near_bins and self.token_rule != "mean":
+            raise ValueError("near_bins scores the committed bin's neighbourhood: it needs token_rule='mean'")
 
     def replace(self, **changes) -> "DecodeConfig":
         return replace(self, **changes)

@@ -13,7 +13,7 @@ from .policy import FastDVLAPolicy
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 THRESHOLDS = ("tau_conf", "tau_add", "tau_act")
-SETTINGS = ("method",) + THRESHOLDS + ("vanilla_steps", "token_rule")
+SETTINGS = ("method",) + THRESHOLDS + ("vanilla_steps", "token_rule", "near_bins")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help=f"decoding {name} to save with the policy {keep}")
     p.add_argument("--vanilla-steps", type=int, help=f"forwards of the vanilla schedules {keep}")
     p.add_argument("--token-rule", choices=TOKEN_RULES, help=f"which token a greedy commit writes {keep}")
+    p.add_argument("--near-bins", type=int, help=f"with --token-rule mean: confidence = mass within this many bins {keep}")
 
 
 def main(args) -> None:

@@ -18,6 +18,7 @@ CASES = [  # (seed, batch, config)
     (3, 2, DecodeConfig(method="block_diffusion", tau_conf=0.4)),
     (4, 2, DecodeConfig(method="fast_dvla", tau_conf=0.3, temperature=1.0, seed=7)),
     (5, 2, DecodeConfig(method="fast_dvla", tau_conf=0.3, token_rule="mean")),
+    (6, 2, DecodeConfig(method="fast_dvla", tau_conf=0.6, token_rule="mean", near_bins=3)),
 ]
 
 

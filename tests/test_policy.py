@@ -68,6 +68,10 @@ def test_export_saves_the_decoding_settings_chosen_for_a_policy(tmp_path):
         cli(["export", "--policy", str(tmp_path / "run"), "--out", str(tmp_path / "bad"), "--vanilla-steps", "0"])
     cli(["export", "--policy", str(tmp_path / "run"), "--out", str(tmp_path / "mean"), "--token-rule", "mean"])
     assert FastDVLAPolicy.from_pretrained(str(tmp_path / "mean")).decode_config.token_rule == "mean"
+    cli(["export", "--policy", str(tmp_path / "mean"), "--out", str(tmp_path / "near"), "--near-bins", "3"])
+    assert FastDVLAPolicy.from_pretrained(str(tmp_path / "near")).decode_config.near_bins == 3
+    with pytest.raises(SystemExit, match="near_bins"):
+        cli(["export", "--policy", str(tmp_path / "run"), "--out", str(tmp_path / "bad"), "--near-bins", "3"])
 
 
 def test_save_and_load_round_trip(tmp_path):

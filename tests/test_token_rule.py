@@ -73,9 +73,23 @@ def test_every_commit_is_the_rule_applied_to_that_forward(config):
     assert before.all() and seen_mean_differs
 
 
+def test_near_bins_scores_the_committed_bins_neighbourhood():
+    probs = torch.tensor([[[0.4, 0.0, 0.0, 0.3, 0.3], [0.4, 0.0, 0.0, 0.3, 0.3], [0.1, 0.1, 0.6, 0.1, 0.1]]])
+    logits = torch.log(probs.clamp(min=1e-12))
+    categorical = torch.tensor([False, True, False])
+    for near, want in [(1, [0.3, 0.4, 0.8]), (2, [1.0, 0.4, 1.0])]:
+        conf, tok = confidences(logits, DecodeConfig(token_rule="mean", near_bins=near), None, categorical)
+        assert tok.tolist() == [[2, 0, 2]]  # the tokens do not depend on near_bins
+        assert torch.allclose(conf, torch.tensor([want]), atol=1e-6), near  # categorical: the argmax's 0.4
+
+
 def test_token_rule_is_validated():
     with pytest.raises(ValueError, match="token_rule"):
         DecodeConfig(token_rule="median")
     with pytest.raises(ValueError, match="greedy"):
         DecodeConfig(token_rule="mean", temperature=1.0)
     assert DecodeConfig.from_dict(DecodeConfig(token_rule="mean").to_dict()).token_rule == "mean"
+    with pytest.raises(ValueError, match="needs token_rule='mean'"):
+        DecodeConfig(near_bins=3)
+    with pytest.raises(ValueError, match="near_bins"):
+        DecodeConfig(token_rule="mean", near_bins=-1)

@@ -96,7 +96,9 @@ def confidences(logits: torch.Tensor, config: DecodeConfig, generator: torch.Gen
     sample and its probability when ``config.temperature > 0``. With
     ``config.token_rule == "mean"`` the token is the bin nearest the expected
     bin except where ``categorical`` (``[Q]`` bool) is set; the confidence is
-    still the argmax's probability, so the commit schedule is unchanged."""
+    still the argmax's probability, so the commit schedule is unchanged, unless
+    ``config.near_bins``: then an ordinal slot's confidence is the probability
+    within that many bins of its token."""
     logits = logits.float()
     if config.temperature > 0:
         probs = torch.softmax(logits / config.temperature, dim=-1)
@@ -108,7 +110,11 @@ def confidences(logits: torch.Tensor, config: DecodeConfig, generator: torch.Gen
     if config.token_rule == "mean":
         bins = torch.arange(probs.shape[-1], dtype=probs.dtype, device=probs.device)
         mean = (probs @ bins).round().long()
-        tokens = mean if categorical is None else torch.where(categorical.to(tokens.device), tokens, mean)
+        ordinal = torch.ones_like(tokens, dtype=torch.bool) if categorical is None else ~categorical.to(tokens.device)
+        tokens = torch.where(ordinal, mean, tokens)
+        if config.near_bins:
+            near = ((bins.long() - tokens[..., None]).abs() <= config.near_bins).to(probs.dtype)
+            conf = torch.where(ordinal, (probs * near).sum(-1), conf)
     return conf, tokens
 
 
