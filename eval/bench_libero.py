@@ -27,13 +27,14 @@ import torch
 from tqdm import tqdm
 
 from fast_dvla import DecodeConfig, FastDVLAPolicy
-from fast_dvla.config import METHODS, TOKEN_RULES
+from fast_dvla.config import METHODS
 
 from .micro_bench import reference_checkpoint as default_checkpoint
 from .record_libero_demos import parse_range
 from .report import markdown_table, write_json
 from .throughput import COLUMNS as SPEED_COLUMNS
-from .throughput import measure, parse_decoders, policy_configs, policy_for, process_peak_rss_mb
+from .throughput import (add_override_arguments, measure, overrides_from, parse_decoders, policy_configs,
+                         policy_for, process_peak_rss_mb)
 
 
 def run_episode(env, policy: FastDVLAPolicy, config: DecodeConfig, init: int, keep_obs: list | None,
@@ -122,9 +123,7 @@ def run(args) -> dict:
     methods = parse_decoders(args.decoders)
     teacher = FastDVLAPolicy.from_pretrained(args.teacher or default_checkpoint("teacher"))
     student = FastDVLAPolicy.from_pretrained(args.student or default_checkpoint("student"))
-    overrides = dict(tau_conf=args.tau_conf, tau_add=args.tau_add, tau_act=args.tau_act,
-                     vanilla_steps=args.vanilla_steps, token_rule=args.token_rule,
-                     near_bins=args.near_bins)
+    overrides = overrides_from(args)
     try:
         configs = policy_configs(methods, teacher, student, **overrides)
         reference = policy_configs(["vanilla"], teacher, student, **overrides)["vanilla"]
@@ -257,16 +256,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, default=None, help="default: the suite's usual limit")
     p.add_argument("--timing-obs", type=int, default=24, help="observations kept for the throughput phase")
     p.add_argument("--agreement-obs", type=int, default=12)
-    # unset: each decoder runs with the settings saved in its policy's config.json
-    p.add_argument("--tau-conf", type=float, default=None, help="confidence threshold for every decoder "
-                   "(default: each policy's own)")
-    p.add_argument("--tau-add", type=float, default=None, help="default: the student's own")
-    p.add_argument("--tau-act", type=float, default=None, help="default: the student's own")
-    p.add_argument("--vanilla-steps", type=int, default=None, help="default: the teacher's own")
-    p.add_argument("--token-rule", choices=TOKEN_RULES, default=None, help="argmax or mean, for every decoder "
-                   "(default: each policy's own)")
-    p.add_argument("--near-bins", type=int, default=None, help="with mean: confidence = probability within this "
-                   "many bins (default: each policy's own)")
+    add_override_arguments(p)  # unset: each decoder runs with the settings saved in its policy's config.json
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own, one per core)")
     p.add_argument("--shard", default=None, help="i/n: run every n-th episode from the i-th (default: torchrun rank)")
     p.add_argument("--merge", nargs="+", help="merge shard JSON files instead of running")

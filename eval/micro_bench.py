@@ -23,12 +23,13 @@ import numpy as np
 import torch
 
 from fast_dvla import FastDVLAPolicy
-from fast_dvla.config import METHODS, TOKEN_RULES
+from fast_dvla.config import METHODS
 from fast_dvla.model import ModelConfig, ReferenceDVLA
 from fast_dvla.tokenizer import ActionTokenizer
 
 from .report import markdown_table, write_json
-from .throughput import COLUMNS, measure, parse_decoders, policy_configs, process_peak_rss_mb
+from .throughput import (COLUMNS, add_override_arguments, measure, overrides_from, parse_decoders, policy_configs,
+                         process_peak_rss_mb)
 
 
 def reference_checkpoint(kind: str) -> str:
@@ -66,9 +67,7 @@ def run(args) -> dict:
         teacher = student = random_policy(args.seed)
         model_desc = "random-init reference model (no checkpoint given)"
     # each decoder with the settings saved in the policy that runs it, as bench libero does
-    configs = policy_configs(methods, teacher, student, tau_conf=args.tau_conf, tau_add=args.tau_add,
-                             tau_act=args.tau_act, vanilla_steps=args.vanilla_steps,
-                             token_rule=args.token_rule, near_bins=args.near_bins)
+    configs = policy_configs(methods, teacher, student, **overrides_from(args))
     if args.data:
         if args.batch != 1:
             raise SystemExit("--data times one demonstration frame per chunk: use --batch 1")
@@ -93,13 +92,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=10, help="observations timed (each once per decoder)")
     p.add_argument("--warmup", type=int, default=2)
-    own = "default: the setting saved in the policy that runs each decoder"
-    p.add_argument("--tau-conf", type=float, help=own)
-    p.add_argument("--tau-add", type=float, help=own)
-    p.add_argument("--tau-act", type=float, help=own)
-    p.add_argument("--vanilla-steps", type=int, help=own)
-    p.add_argument("--token-rule", choices=TOKEN_RULES, help=own)
-    p.add_argument("--near-bins", type=int, help=own)
+    add_override_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the results as JSON here")
 

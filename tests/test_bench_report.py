@@ -60,6 +60,27 @@ def test_each_decoder_runs_with_its_policys_saved_settings_unless_overridden():
     assert forced["fast_dvla"].tau_conf == 0.7 == forced["vanilla"].tau_conf and forced["fast_dvla"].tau_act == 0.6
 
 
+@pytest.mark.parametrize("module", ["bench_libero", "micro_bench"])
+def test_both_benchmarks_take_the_same_override_flags(module):
+    import argparse
+    import importlib
+
+    from fast_dvla import DecodeConfig
+    from fast_dvla.eval.throughput import overrides_from, policy_configs
+
+    parser = argparse.ArgumentParser()
+    importlib.import_module(f"fast_dvla.eval.{module}").add_arguments(parser)
+    extra = ["libero"] if module == "bench_libero" else []
+    unset = overrides_from(parser.parse_args(extra))
+    assert set(unset.values()) == {None}  # nothing forced: each policy's own settings
+    args = parser.parse_args(extra + ["--tau-conf", "0.3", "--vanilla-steps", "6", "--token-rule", "mean",
+                                      "--near-bins", "2"])
+    student = tiny_policy(decode_config=DecodeConfig(method="fast_dvla", tau_act=0.6))
+    config = policy_configs(["fast_dvla"], tiny_policy(), student, **overrides_from(args))["fast_dvla"]
+    assert (config.tau_conf, config.vanilla_steps, config.token_rule, config.near_bins) == (0.3, 6, "mean", 2)
+    assert config.tau_act == 0.6
+
+
 def test_report_names_the_settings_each_decoder_ran_with(tmp_path):
     result = shard(0, [True], True)
     result["decode"] = {"vanilla": {"tau_conf": 0.5, "vanilla_steps": 12},
