@@ -8,6 +8,15 @@ SCHEDULES = ("cosine", "linear")
 TOKEN_RULES = ("argmax", "mean")
 
 
+def _is_count(value) -> bool:
+    """An int that is not a bool: ``near_bins=True`` is a mistake, not 1."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class DecodeConfig:
     """How to decode an action chunk.
@@ -66,15 +75,16 @@ class DecodeConfig:
             raise ValueError(f"unknown decoding method {self.method!r}; expected one of {METHODS}")
         for name in ("tau_conf", "tau_add", "tau_act"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not (0.0 <= float(value) <= 1.0):
+            if not _is_number(value) or not (0.0 <= float(value) <= 1.0):
                 raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
-        if not isinstance(self.fallback_n, int) or self.fallback_n < 1:
+        if not _is_count(self.fallback_n) or self.fallback_n < 1:
             raise ValueError(f"fallback_n must be an integer >= 1, got {self.fallback_n!r}")
-        if not isinstance(self.vanilla_steps, int) or self.vanilla_steps < 1:
+        if not _is_count(self.vanilla_steps) or self.vanilla_steps < 1:
             raise ValueError(f"vanilla_steps must be an integer >= 1, got {self.vanilla_steps!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; expected one of {SCHEDULES}")
-        if self.fast_dllm_block_size is not None and self.fast_dllm_block_size < 1:
+        if self.fast_dllm_block_size is not None and (not _is_count(self.fast_dllm_block_size)
+                                                      or self.fast_dllm_block_size < 1):
             raise ValueError(f"fast_dllm_block_size must be >= 1, got {self.fast_dllm_block_size}")
         if not (self.temperature >= 0.0):  # also rejects NaN
             raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
@@ -82,7 +92,7 @@ class DecodeConfig:
             raise ValueError(f"unknown token_rule {self.token_rule!r}; expected one of {TOKEN_RULES}")
         if self.token_rule == "mean" and self.temperature > 0:
             raise ValueError("token_rule='mean' is a greedy rule: it needs temperature 0")
-        if not isinstance(self.near_bins, int) or self.near_bins < 0:
+        if not _is_count(self.near_bins) or self.near_bins < 0:
             raise ValueError(f"near_bins must be an integer >= 0, got {self.near_bins!r}")
         if self.near_bins and self.token_rule != "mean":
             raise ValueError("near_bins scores the committed bin's neighbourhood: it needs token_rule='mean'")

@@ -168,7 +168,10 @@ def test_bad_inputs_are_named():
     with pytest.raises(TypeError):
         decode(model, prefix, {"method": "fast_dvla"})
     for bad in (dict(tau_conf=1.5), dict(tau_add=-0.1), dict(tau_act=float("nan")), dict(method="ar"),
-                dict(fallback_n=0), dict(vanilla_steps=0), dict(temperature=-1.0)):
+                dict(fallback_n=0), dict(vanilla_steps=0), dict(temperature=-1.0),
+                # a bool is an int to Python, but True here is a mistake, not 1
+                dict(fallback_n=True), dict(vanilla_steps=True), dict(tau_conf=True), dict(fast_dllm_block_size=True),
+                dict(fast_dllm_block_size="7"), dict(token_rule="mean", near_bins=True)):
         with pytest.raises(ValueError):
             DecodeConfig(**bad)
     from fast_dvla.model import ModelConfig
