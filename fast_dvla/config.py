@@ -85,7 +85,7 @@ class DecodeConfig:
             raise ValueError(f"unknown schedule {self.schedule!r}; expected one of {SCHEDULES}")
         if self.fast_dllm_block_size is not None and (not _is_count(self.fast_dllm_block_size)
                                                       or self.fast_dllm_block_size < 1):
-            raise ValueError(f"fast_dllm_block_size must be >= 1, got {self.fast_dllm_block_size}")
+            raise ValueError(f"fast_dllm_block_size must be an integer >= 1, got {self.fast_dllm_block_size!r}")
         if not (self.temperature >= 0.0):  # also rejects NaN
             raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
         if self.token_rule not in TOKEN_RULES:
