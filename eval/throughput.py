@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from fast_dvla import DecodeConfig, FastDVLAPolicy
-from fast_dvla.config import METHODS, TOKEN_RULES
+from fast_dvla.config import METHODS, TUNABLE_SETTINGS, add_setting_arguments
 
 from .timing import summarize, timed
 
@@ -32,22 +32,14 @@ def policy_for(method: str, teacher: FastDVLAPolicy, student: FastDVLAPolicy) ->
     return teacher if method in TEACHER_METHODS else student
 
 
-# decoding settings a benchmark may force on every decoder: (flag name, type or choices)
-OVERRIDES = (("tau_conf", float), ("tau_add", float), ("tau_act", float), ("vanilla_steps", int),
-             ("token_rule", TOKEN_RULES), ("near_bins", int))
-
-
 def add_override_arguments(p) -> None:
     """``--tau-conf`` ... ``--near-bins``: unset, each decoder keeps its policy's own setting."""
-    for name, kind in OVERRIDES:
-        kind_arg = {"choices": kind} if isinstance(kind, tuple) else {"type": kind}
-        p.add_argument(f"--{name.replace('_', '-')}", default=None, help="for every decoder (default: each "
-                       "policy's own)", **kind_arg)
+    add_setting_arguments(p, "forced on every decoder (default: each policy's own)")
 
 
 def overrides_from(args) -> dict:
     """The override flags of ``args`` as ``policy_configs`` keywords."""
-    return {name: getattr(args, name) for name, _ in OVERRIDES}
+    return {name: getattr(args, name) for name, _, _ in TUNABLE_SETTINGS}
 
 
 def policy_configs(methods, teacher: FastDVLAPolicy, student: FastDVLAPolicy, **overrides) -> dict:

@@ -8,6 +8,27 @@ SCHEDULES = ("cosine", "linear")
 TOKEN_RULES = ("argmax", "mean")
 
 
+# the decoding settings a user picks for a policy (``fast-dvla export`` saves them) or forces on
+# every decoder of a benchmark: (field, type or choices, what it sets). One list, so a new knob
+# reaches every command that takes these flags.
+TUNABLE_SETTINGS = (
+    ("tau_conf", float, "confidence threshold for committing a token"),
+    ("tau_add", float, "decoded fraction of the last block at which a new block is added"),
+    ("tau_act", float, "decoded fraction of a block's predecessor at which it becomes fully activated"),
+    ("vanilla_steps", int, "forwards of the vanilla schedules"),
+    ("token_rule", TOKEN_RULES, "which token a greedy commit writes"),
+    ("near_bins", int, "with token_rule mean: confidence = probability within this many bins"),
+)
+
+
+def add_setting_arguments(parser, default: str) -> None:
+    """``--tau-conf`` ... ``--near-bins`` on ``parser``, each unset (None) by default;
+    ``default`` says what unset means to that command."""
+    for name, kind, meaning in TUNABLE_SETTINGS:
+        kind_arg = {"choices": kind} if isinstance(kind, tuple) else {"type": kind}
+        parser.add_argument(f"--{name.replace('_', '-')}", default=None, help=f"{meaning}; {default}", **kind_arg)
+
+
 def _is_count(value) -> bool:
     """An int that is not a bool: ``near_bins=True`` is a mistake, not 1."""
     return isinstance(value, int) and not isinstance(value, bool)

@@ -8,26 +8,19 @@ import argparse
 
 import torch
 
-from .config import METHODS, TOKEN_RULES
+from .config import METHODS, TUNABLE_SETTINGS, add_setting_arguments
 from .policy import FastDVLAPolicy
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-THRESHOLDS = ("tau_conf", "tau_add", "tau_act")
-SETTINGS = ("method",) + THRESHOLDS + ("vanilla_steps", "token_rule", "near_bins")
+SETTINGS = ("method",) + tuple(name for name, _, _ in TUNABLE_SETTINGS)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", required=True, help="trained policy directory (e.g. runs/<run>/policy)")
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float16")
-    keep = "(default: keep the policy's)"
-    p.add_argument("--method", choices=METHODS, help=f"the decoder from_pretrained uses {keep}")
-    for name in THRESHOLDS:
-        p.add_argument(f"--{name.replace('_', '-')}", type=float, default=None,
-                       help=f"decoding {name} to save with the policy {keep}")
-    p.add_argument("--vanilla-steps", type=int, help=f"forwards of the vanilla schedules {keep}")
-    p.add_argument("--token-rule", choices=TOKEN_RULES, help=f"which token a greedy commit writes {keep}")
-    p.add_argument("--near-bins", type=int, help=f"with --token-rule mean: confidence = mass within this many bins {keep}")
+    p.add_argument("--method", choices=METHODS, help="the decoder from_pretrained uses (default: keep the policy's)")
+    add_setting_arguments(p, "saved with the policy (default: keep the policy's)")
 
 
 def main(args) -> None:

@@ -81,6 +81,19 @@ def test_both_benchmarks_take_the_same_override_flags(module):
     assert config.tau_act == 0.6
 
 
+@pytest.mark.parametrize("module", ["fast_dvla.eval.bench_libero", "fast_dvla.eval.micro_bench", "fast_dvla.export"])
+def test_every_command_taking_decoding_settings_takes_all_of_them(module):
+    import argparse
+    import importlib
+
+    from fast_dvla.config import TUNABLE_SETTINGS
+
+    parser = argparse.ArgumentParser()
+    importlib.import_module(module).add_arguments(parser)
+    flags = {opt for action in parser._actions for opt in action.option_strings}
+    assert {f"--{name.replace('_', '-')}" for name, _, _ in TUNABLE_SETTINGS} <= flags
+
+
 def test_report_names_the_settings_each_decoder_ran_with(tmp_path):
     result = shard(0, [True], True)
     result["decode"] = {"vanilla": {"tau_conf": 0.5, "vanilla_steps": 12},
