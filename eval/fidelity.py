@@ -57,7 +57,7 @@ def sample_frames(root: str, n: int, horizon: int, seed: int) -> list[tuple[dict
 
 def decode_config(policy: FastDVLAPolicy, method: str, tau_conf: float | None = None):
     """The policy's own settings with ``method``, and ``tau_conf`` when given (validated)."""
-    return policy.decode_config.replace(method=method, **({} if tau_conf is None else {"tau_conf": tau_conf}))
+    return policy.decode_config_for(method).replace(**({} if tau_conf is None else {"tau_conf": tau_conf}))
 
 
 def measure(policy: FastDVLAPolicy, frames, method: str, progress: bool = True, tau_conf: float | None = None) -> dict:

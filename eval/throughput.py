@@ -44,10 +44,11 @@ def overrides_from(args) -> dict:
 
 def policy_configs(methods, teacher: FastDVLAPolicy, student: FastDVLAPolicy, **overrides) -> dict:
     """``{method: DecodeConfig}``: each decoder with the settings saved in the policy that runs it
-    (its ``config.json``: a student may carry thresholds tuned for it), then ``overrides``
-    (``tau_conf=...``; ``None`` values are ignored) on top."""
+    (its ``config.json``: its default decoder's, and those it keeps for others by name, so a
+    student may carry thresholds tuned for it), then ``overrides`` (``tau_conf=...``; ``None``
+    values are ignored) on top."""
     given = {k: v for k, v in overrides.items() if v is not None}
-    return {m: policy_for(m, teacher, student).decode_config.replace(method=m, **given) for m in methods}
+    return {m: policy_for(m, teacher, student).decode_config_for(m).replace(**given) for m in methods}
 
 
 def measure(teacher: FastDVLAPolicy, student: FastDVLAPolicy, observations: list[dict],

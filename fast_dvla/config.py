@@ -124,6 +124,13 @@ class DecodeConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def for_method(self, method: str, method_settings: dict | None = None) -> "DecodeConfig":
+        """These settings with ``method`` swapped in and that decoder's own saved settings
+        (``method_settings[method]``, see ``check_method_settings``) on top."""
+        if method == self.method:
+            return self
+        return self.replace(method=method, **(method_settings or {}).get(method, {}))
+
     @classmethod
     def from_dict(cls, d: dict) -> "DecodeConfig":
         known = {f.name for f in fields(cls)}
@@ -131,3 +138,28 @@ class DecodeConfig:
         if unknown:
             raise ValueError(f"unknown decode settings: {sorted(unknown)}")
         return cls(**d)
+
+
+def check_method_settings(method_settings: dict, default: DecodeConfig) -> dict:
+    """Settings a policy keeps for decoders other than its default, used when one is asked for by
+    name (``{"fast_dvla": {"token_rule": "mean", "near_bins": 3}}``): a student may decode best with
+    the teacher's schedule by default and still want Fast-dVLA's rule tuned for it. Checked here,
+    when the policy is built, so a bad entry fails at load time, naming itself."""
+    tunable = {name for name, _, _ in TUNABLE_SETTINGS}
+    checked = {}
+    for method, settings in method_settings.items():
+        if method not in METHODS:
+            raise ValueError(f"method_settings: unknown decoder {method!r}; expected some of {METHODS}")
+        if method == default.method:
+            raise ValueError(f"method_settings: {method!r} is the default decoder; its settings are the policy's "
+                             f"decode settings")
+        unknown = sorted(set(settings) - tunable)
+        if unknown:
+            raise ValueError(f"method_settings[{method!r}]: unknown settings {unknown}; expected some of "
+                             f"{sorted(tunable)}")
+        try:
+            default.replace(method=method, **settings)
+        except ValueError as e:
+            raise ValueError(f"method_settings[{method!r}]: {e}") from None
+        checked[method] = dict(settings)
+    return checked

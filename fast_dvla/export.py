@@ -1,18 +1,20 @@
 """``fast-dvla export``: copy a trained policy directory, optionally storing
 its weights in half precision (how the shipped reference models are made),
 and the decoding settings chosen for it (saved in its config.json, where
-``from_pretrained`` and the benchmarks read them)."""
+``from_pretrained`` and the benchmarks read them): those of its default
+decoder, or with ``--for-method`` those of another decoder, used when that
+one is asked for by name."""
 from __future__ import annotations
 
 import argparse
 
 import torch
 
-from .config import METHODS, TUNABLE_SETTINGS, add_setting_arguments
+from .config import METHODS, TUNABLE_SETTINGS, add_setting_arguments, check_method_settings
 from .policy import FastDVLAPolicy
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-SETTINGS = ("method",) + tuple(name for name, _, _ in TUNABLE_SETTINGS)
+SETTINGS = tuple(name for name, _, _ in TUNABLE_SETTINGS)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,16 +22,42 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float16")
     p.add_argument("--method", choices=METHODS, help="the decoder from_pretrained uses (default: keep the policy's)")
+    p.add_argument("--for-method", choices=METHODS,
+                   help="save the settings below for this decoder, used when it is asked for by name "
+                        "(benchmarks, decode_config_for), instead of for the default decoder")
     add_setting_arguments(p, "saved with the policy (default: keep the policy's)")
 
 
-def main(args) -> None:
-    policy = FastDVLAPolicy.from_pretrained(args.policy)
-    changes = {k: getattr(args, k) for k in SETTINGS if getattr(args, k, None) is not None}
-    try:
+def apply_settings(policy: FastDVLAPolicy, method: str | None, for_method: str | None, changes: dict) -> None:
+    """``--method`` makes ``method`` the default decoder, taking in the settings saved for it;
+    ``changes`` then go to ``for_method``'s own settings, or to the default's."""
+    if method and method != policy.decode_config.method:
+        own = policy.method_settings.pop(method, {})
+        policy.decode_config = policy.decode_config.replace(method=method, **own)
+    target = for_method or policy.decode_config.method
+    if target == policy.decode_config.method:
         policy.decode_config = policy.decode_config.replace(**changes)
+    else:
+        policy.method_settings[target] = {**policy.method_settings.get(target, {}), **changes}
+    policy.method_settings = check_method_settings(policy.method_settings, policy.decode_config)
+
+
+def settings_text(policy: FastDVLAPolicy) -> str:
+    default = ", ".join(f"{k}={getattr(policy.decode_config, k)}" for k in SETTINGS)
+    text = f"{policy.decode_config.method} decoding by default, {default}"
+    for method, own in policy.method_settings.items():
+        text += f"; {method} by name: " + ", ".join(f"{k}={v}" for k, v in own.items())
+    return text
+
+
+def main(args) -> None:
+    changes = {k: getattr(args, k) for k in SETTINGS if getattr(args, k, None) is not None}
+    if args.for_method and not changes:
+        raise SystemExit("--for-method saves settings for a decoder: give at least one (--tau-conf ... --near-bins)")
+    policy = FastDVLAPolicy.from_pretrained(args.policy)
+    try:
+        apply_settings(policy, args.method, args.for_method, changes)
     except ValueError as e:
         raise SystemExit(f"bad decoding settings: {e}")
     policy.save_pretrained(args.out, dtype=DTYPES[args.dtype])
-    settings = ", ".join(f"{k}={getattr(policy.decode_config, k)}" for k in SETTINGS[1:])
-    print(f"wrote {args.out} ({args.dtype} weights; {policy.decode_config.method} decoding, {settings})")
+    print(f"wrote {args.out} ({args.dtype} weights; {settings_text(policy)})")

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import DecodeConfig
+from .config import DecodeConfig, check_method_settings
 from .decoding import DecodeStats, decode
 from .model import ModelConfig, ReferenceDVLA
 from .processor import ObservationProcessor, StateNormalizer
@@ -27,11 +27,15 @@ class FastDVLAPolicy:
     or ``[B, horizon, action_dim]`` for a batch); ``select_action(obs)``
     serves actions from a queue refilled with the first ``n_action_steps`` of
     each chunk; ``reset()`` empties it between episodes.
+
+    ``decode_config`` is how it decodes by default; ``method_settings`` holds
+    settings for other decoders, used when one is asked for by name
+    (``decode_config_for("fast_dvla")``; the benchmarks do).
     """
 
     def __init__(self, model: ReferenceDVLA, action_tokenizer: ActionTokenizer,
                  state_norm: StateNormalizer | None = None, decode_config: DecodeConfig | None = None,
-                 n_action_steps: int | None = None):
+                 n_action_steps: int | None = None, method_settings: dict | None = None):
         cfg = model.config
         if action_tokenizer.action_dim != cfg.action_dim:
             raise ValueError(f"tokenizer action_dim {action_tokenizer.action_dim} != model's {cfg.action_dim}")
@@ -41,6 +45,7 @@ class FastDVLAPolicy:
         self.action_tokenizer = action_tokenizer
         self.state_norm = state_norm or StateNormalizer.identity(cfg.state_dim)
         self.decode_config = decode_config or DecodeConfig()
+        self.method_settings = check_method_settings(method_settings or {}, self.decode_config)
         self.n_action_steps = n_action_steps or cfg.horizon
         if not 1 <= self.n_action_steps <= cfg.horizon:
             raise ValueError(f"n_action_steps must be in [1, {cfg.horizon}], got {self.n_action_steps}")
@@ -66,6 +71,11 @@ class FastDVLAPolicy:
         actions = self.action_tokenizer.decode(tokens).astype(np.float32)
         return actions[0] if single else actions
 
+    def decode_config_for(self, method: str) -> DecodeConfig:
+        """How this policy decodes with ``method``: its default settings with that decoder's own
+        saved settings (``method_settings``) on top."""
+        return self.decode_config.for_method(method, self.method_settings)
+
     def decode_prefix(self, prefix: torch.Tensor, config: DecodeConfig):
         """One chunk of tokens from the prefix embeddings (a subclass may decode otherwise)."""
         return decode(self.model, prefix, config)
@@ -83,9 +93,12 @@ class FastDVLAPolicy:
     # -- persistence ----------------------------------------------------------
     def save_pretrained(self, path: str, dtype: torch.dtype | None = None) -> None:
         """``dtype`` (e.g. ``torch.float16``) stores the weights smaller; they load back in the model's dtype."""
+        method_settings = check_method_settings(self.method_settings, self.decode_config)  # either may have been set since
         os.makedirs(path, exist_ok=True)
         config = {"format": FORMAT, "version": 1, "model": self.model.config.to_dict(),
                   "decode": self.decode_config.to_dict(), "n_action_steps": self.n_action_steps}
+        if method_settings:
+            config["method_settings"] = method_settings
         with open(os.path.join(path, CONFIG_FILE), "w") as f:
             json.dump(config, f, indent=2)
         state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in self.model.state_dict().items()}
@@ -110,6 +123,8 @@ class FastDVLAPolicy:
             raise ValueError(f"checkpoint {path!r} does not match the model: missing {missing}, unexpected {unexpected}")
         with open(os.path.join(path, STATE_STATS_FILE)) as f:
             state_norm = StateNormalizer.from_dict(json.load(f))
+        decode_config = decode_config or DecodeConfig.from_dict(config.get("decode", {}))
+        # a decode_config given here replaces the saved default; the other decoders keep theirs
+        method_settings = {m: v for m, v in config.get("method_settings", {}).items() if m != decode_config.method}
         return cls(model.to(device), ActionTokenizer.load(os.path.join(path, ACTION_STATS_FILE)), state_norm,
-                   decode_config or DecodeConfig.from_dict(config.get("decode", {})),
-                   n_action_steps or config.get("n_action_steps"))
+                   decode_config, n_action_steps or config.get("n_action_steps"), method_settings)

@@ -58,6 +58,13 @@ def test_each_decoder_runs_with_its_policys_saved_settings_unless_overridden():
     assert configs["fast_dvla"].tau_conf == 0.2 and configs["block_diffusion"].tau_act == 0.6
     forced = policy_configs(["vanilla", "fast_dvla"], teacher, student, tau_conf=0.7, tau_act=None)
     assert forced["fast_dvla"].tau_conf == 0.7 == forced["vanilla"].tau_conf and forced["fast_dvla"].tau_act == 0.6
+    # settings a student keeps for a decoder that is not its default
+    student = tiny_policy(decode_config=DecodeConfig(method="vanilla_cached", vanilla_steps=5),
+                          method_settings={"fast_dvla": {"token_rule": "mean", "near_bins": 3}})
+    configs = policy_configs(["vanilla_cached", "fast_dvla", "block_diffusion"], teacher, student)
+    assert (configs["fast_dvla"].token_rule, configs["fast_dvla"].near_bins) == ("mean", 3)
+    assert configs["vanilla_cached"].token_rule == "argmax" == configs["block_diffusion"].token_rule
+    assert policy_configs(["fast_dvla"], teacher, student, tau_conf=0.7)["fast_dvla"].near_bins == 3
 
 
 @pytest.mark.parametrize("module", ["bench_libero", "micro_bench"])

@@ -74,6 +74,66 @@ def test_export_saves_the_decoding_settings_chosen_for_a_policy(tmp_path):
         cli(["export", "--policy", str(tmp_path / "run"), "--out", str(tmp_path / "bad"), "--near-bins", "3"])
 
 
+def test_a_policy_keeps_settings_for_decoders_asked_for_by_name(tmp_path):
+    default = DecodeConfig(method="vanilla_cached", vanilla_steps=5)
+    tuned = {"fast_dvla": {"token_rule": "mean", "near_bins": 3}}
+    policy = make_policy(decode_config=default, method_settings=tuned)
+    assert policy.decode_config_for("vanilla_cached") == default
+    assert policy.decode_config_for("fast_dvla") == DecodeConfig(method="fast_dvla", vanilla_steps=5, token_rule="mean",
+                                                                 near_bins=3)
+    assert policy.decode_config_for("block_diffusion") == default.replace(method="block_diffusion")
+    policy.save_pretrained(tmp_path / "p")
+    loaded = FastDVLAPolicy.from_pretrained(str(tmp_path / "p"))
+    assert loaded.decode_config == default and loaded.method_settings == tuned
+    # a default given at load time replaces the saved one, and with it that decoder's saved entry
+    chosen = FastDVLAPolicy.from_pretrained(str(tmp_path / "p"), decode_config=DecodeConfig(method="fast_dvla"))
+    assert chosen.method_settings == {} and chosen.decode_config_for("fast_dvla") == DecodeConfig(method="fast_dvla")
+    assert FastDVLAPolicy.from_pretrained(str(tmp_path / "p"), decode_config=default.replace(vanilla_steps=7)
+                                          ).decode_config_for("fast_dvla").near_bins == 3
+
+
+@pytest.mark.parametrize("settings,match", [
+    ({"fast_dvla_v2": {"tau_conf": 0.5}}, "unknown decoder"),
+    ({"vanilla_cached": {"vanilla_steps": 6}}, "default decoder"),
+    ({"fast_dvla": {"temperature": 1.0}}, "unknown settings"),
+    ({"fast_dvla": {"near_bins": 3}}, r"method_settings\['fast_dvla'\]: near_bins"),
+    ({"fast_dvla": {"tau_conf": 2.0}}, "tau_conf"),
+])
+def test_bad_method_settings_are_named(settings, match, tmp_path):
+    default = DecodeConfig(method="vanilla_cached")
+    with pytest.raises(ValueError, match=match):
+        make_policy(decode_config=default, method_settings=settings)
+    policy = make_policy(decode_config=default)
+    policy.method_settings = settings  # set after construction: saving checks again
+    with pytest.raises(ValueError, match=match):
+        policy.save_pretrained(tmp_path / "bad")
+
+
+def test_export_saves_settings_for_a_decoder_by_name(tmp_path):
+    from fast_dvla.cli import main as cli
+
+    make_policy(decode_config=DecodeConfig(method="vanilla_cached", vanilla_steps=5)).save_pretrained(tmp_path / "run")
+    cli(["export", "--policy", str(tmp_path / "run"), "--out", str(tmp_path / "tuned"), "--for-method", "fast_dvla",
+         "--token-rule", "mean", "--near-bins", "3"])
+    tuned = FastDVLAPolicy.from_pretrained(str(tmp_path / "tuned"))
+    assert tuned.decode_config == DecodeConfig(method="vanilla_cached", vanilla_steps=5)
+    assert tuned.method_settings == {"fast_dvla": {"token_rule": "mean", "near_bins": 3}}
+    cli(["export", "--policy", str(tmp_path / "tuned"), "--out", str(tmp_path / "more"), "--for-method", "fast_dvla",
+         "--tau-conf", "0.7"])
+    assert FastDVLAPolicy.from_pretrained(str(tmp_path / "more")).method_settings == {
+        "fast_dvla": {"token_rule": "mean", "near_bins": 3, "tau_conf": 0.7}}
+    # making it the default takes its saved settings along
+    cli(["export", "--policy", str(tmp_path / "tuned"), "--out", str(tmp_path / "switched"), "--method", "fast_dvla"])
+    switched = FastDVLAPolicy.from_pretrained(str(tmp_path / "switched"))
+    assert switched.decode_config == DecodeConfig(method="fast_dvla", vanilla_steps=5, token_rule="mean", near_bins=3)
+    assert switched.method_settings == {}
+    with pytest.raises(SystemExit, match="at least one"):
+        cli(["export", "--policy", str(tmp_path / "run"), "--out", str(tmp_path / "bad"), "--for-method", "fast_dvla"])
+    with pytest.raises(SystemExit, match="near_bins"):
+        cli(["export", "--policy", str(tmp_path / "run"), "--out", str(tmp_path / "bad"), "--for-method", "fast_dvla",
+             "--near-bins", "3"])
+
+
 def test_save_and_load_round_trip(tmp_path):
     policy = make_policy(decode_config=DecodeConfig(tau_conf=0.4), n_action_steps=2)
     policy.save_pretrained(tmp_path / "ckpt")
