@@ -93,7 +93,10 @@ class FastDVLAPolicy:
     # -- persistence ----------------------------------------------------------
     def save_pretrained(self, path: str, dtype: torch.dtype | None = None) -> None:
         """``dtype`` (e.g. ``torch.float16``) stores the weights smaller; they load back in the model's dtype."""
-        method_settings = check_method_settings(self.method_settings, self.decode_config)  # either may have been set since
+        # either may have been set since construction; a default set since replaces that decoder's entry,
+        # as a decode_config given to from_pretrained does
+        method_settings = check_method_settings(
+            {m: v for m, v in self.method_settings.items() if m != self.decode_config.method}, self.decode_config)
         os.makedirs(path, exist_ok=True)
         config = {"format": FORMAT, "version": 1, "model": self.model.config.to_dict(),
                   "decode": self.decode_config.to_dict(), "n_action_steps": self.n_action_steps}

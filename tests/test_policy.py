@@ -105,8 +105,20 @@ def test_bad_method_settings_are_named(settings, match, tmp_path):
         make_policy(decode_config=default, method_settings=settings)
     policy = make_policy(decode_config=default)
     policy.method_settings = settings  # set after construction: saving checks again
-    with pytest.raises(ValueError, match=match):
-        policy.save_pretrained(tmp_path / "bad")
+    if "vanilla_cached" not in settings:  # the default's own entry: see the next test
+        with pytest.raises(ValueError, match=match):
+            policy.save_pretrained(tmp_path / "bad")
+
+
+def test_a_default_set_after_construction_replaces_that_decoders_saved_settings(tmp_path):
+    policy = make_policy(decode_config=DecodeConfig(method="vanilla_cached"),
+                         method_settings={"fast_dvla": {"token_rule": "mean"}, "block_diffusion": {"tau_conf": 0.7}})
+    policy.decode_config = DecodeConfig(method="fast_dvla", tau_conf=0.3)
+    assert policy.decode_config_for("fast_dvla") == policy.decode_config
+    policy.save_pretrained(tmp_path / "p")
+    loaded = FastDVLAPolicy.from_pretrained(str(tmp_path / "p"))
+    assert loaded.decode_config == DecodeConfig(method="fast_dvla", tau_conf=0.3)
+    assert loaded.method_settings == {"block_diffusion": {"tau_conf": 0.7}}
 
 
 def test_export_saves_settings_for_a_decoder_by_name(tmp_path):
