@@ -17,7 +17,7 @@ TUNABLE_SETTINGS = (
     ("tau_act", float, "decoded fraction of a block's predecessor at which it becomes fully activated"),
     ("vanilla_steps", int, "forwards of the vanilla schedules"),
     ("token_rule", TOKEN_RULES, "which token a greedy commit writes"),
-    ("near_bins", int, "with token_rule mean: confidence = probability within this many bins"),
+    ("near_bins", int, "greedy decoding: an ordinal slot's confidence = probability within this many bins"),
 )
 
 
@@ -67,7 +67,7 @@ class DecodeConfig:
         end bin, so the argmax picks the limit while most of the mass says
         "slowing down"; committed early, it drags the rest of the chunk
         with it (ours; README, *The shipped reference model*).
-    near_bins: with ``token_rule="mean"``, the confidence of an ordinal slot
+    near_bins: with a greedy rule, the confidence of an ordinal slot
         is the probability within ``near_bins`` bins of the committed bin
         (0: the argmax's probability, as in the paper). A value spread over
         a few neighbouring bins is certain enough to commit though no single
@@ -115,8 +115,9 @@ class DecodeConfig:
             raise ValueError("token_rule='mean' is a greedy rule: it needs temperature 0")
         if not _is_count(self.near_bins) or self.near_bins < 0:
             raise ValueError(f"near_bins must be an integer >= 0, got {self.near_bins!r}")
-        if self.near_bins and self.token_rule != "mean":
-            raise ValueError("near_bins scores the committed bin's neighbourhood: it needs token_rule='mean'")
+        if self.near_bins and self.temperature > 0:
+            raise ValueError("near_bins scores the committed bin's neighbourhood: it needs greedy decoding "
+                             "(temperature 0)")
 
     def replace(self, **changes) -> "DecodeConfig":
         return replace(self, **changes)

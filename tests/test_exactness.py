@@ -19,6 +19,7 @@ CASES = [  # (seed, batch, config)
     (4, 2, DecodeConfig(method="fast_dvla", tau_conf=0.3, temperature=1.0, seed=7)),
     (5, 2, DecodeConfig(method="fast_dvla", tau_conf=0.3, token_rule="mean")),
     (6, 2, DecodeConfig(method="fast_dvla", tau_conf=0.6, token_rule="mean", near_bins=3)),
+    (7, 2, DecodeConfig(method="fast_dvla", tau_conf=0.6, near_bins=2)),
 ]
 
 

@@ -71,7 +71,7 @@ def test_export_saves_the_decoding_settings_chosen_for_a_policy(tmp_path):
     cli(["export", "--policy", str(tmp_path / "mean"), "--out", str(tmp_path / "near"), "--near-bins", "3"])
     assert FastDVLAPolicy.from_pretrained(str(tmp_path / "near")).decode_config.near_bins == 3
     with pytest.raises(SystemExit, match="near_bins"):
-        cli(["export", "--policy", str(tmp_path / "run"), "--out", str(tmp_path / "bad"), "--near-bins", "3"])
+        cli(["export", "--policy", str(tmp_path / "run"), "--out", str(tmp_path / "bad"), "--near-bins", "-1"])
 
 
 def test_a_policy_keeps_settings_for_decoders_asked_for_by_name(tmp_path):
@@ -96,7 +96,7 @@ def test_a_policy_keeps_settings_for_decoders_asked_for_by_name(tmp_path):
     ({"fast_dvla_v2": {"tau_conf": 0.5}}, "unknown decoder"),
     ({"vanilla_cached": {"vanilla_steps": 6}}, "default decoder"),
     ({"fast_dvla": {"temperature": 1.0}}, "unknown settings"),
-    ({"fast_dvla": {"near_bins": 3}}, r"method_settings\['fast_dvla'\]: near_bins"),
+    ({"fast_dvla": {"near_bins": -1}}, r"method_settings\['fast_dvla'\]: near_bins"),
     ({"fast_dvla": {"tau_conf": 2.0}}, "tau_conf"),
 ])
 def test_bad_method_settings_are_named(settings, match, tmp_path):
@@ -143,7 +143,7 @@ def test_export_saves_settings_for_a_decoder_by_name(tmp_path):
         cli(["export", "--policy", str(tmp_path / "run"), "--out", str(tmp_path / "bad"), "--for-method", "fast_dvla"])
     with pytest.raises(SystemExit, match="near_bins"):
         cli(["export", "--policy", str(tmp_path / "run"), "--out", str(tmp_path / "bad"), "--for-method", "fast_dvla",
-             "--near-bins", "3"])
+             "--near-bins", "-1"])
 
 
 def test_save_and_load_round_trip(tmp_path):

@@ -1,5 +1,6 @@
 """``token_rule``: which token a greedy commit writes (argmax, or the bin
-nearest the expected bin on ordinal slots), and that it changes nothing else."""
+nearest the expected bin on ordinal slots), and that it changes nothing else;
+``near_bins``: the confidence a slot's neighbourhood gives."""
 import numpy as np
 import pytest
 import torch
@@ -21,6 +22,14 @@ def test_mean_writes_the_expected_bin_and_keeps_the_argmax_on_categorical_slots(
     assert tok_m.tolist() == [[2, 0, 2]]  # 0.3*3 + 0.3*4 = 2.1; the categorical slot keeps its argmax
     assert torch.equal(conf_a, conf_m)  # the confidence, hence the schedule, is the argmax's either way
     assert torch.allclose(conf_m, torch.tensor([[0.4, 0.4, 0.6]]))
+
+
+def test_near_bins_with_the_argmax_scores_the_argmax_neighbourhood():
+    probs = torch.tensor([[[0.4, 0.0, 0.0, 0.3, 0.3], [0.1, 0.1, 0.6, 0.1, 0.1]]])
+    logits = torch.log(probs.clamp(min=1e-12))
+    conf, tok = confidences(logits, DecodeConfig(near_bins=1), None)
+    assert tok.tolist() == [[0, 2]]
+    assert torch.allclose(conf, torch.tensor([[0.4, 0.8]]), atol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["fast_dvla", "vanilla_cached", "vanilla"])
@@ -89,7 +98,8 @@ def test_token_rule_is_validated():
     with pytest.raises(ValueError, match="greedy"):
         DecodeConfig(token_rule="mean", temperature=1.0)
     assert DecodeConfig.from_dict(DecodeConfig(token_rule="mean").to_dict()).token_rule == "mean"
-    with pytest.raises(ValueError, match="needs token_rule='mean'"):
-        DecodeConfig(near_bins=3)
+    with pytest.raises(ValueError, match="greedy decoding"):
+        DecodeConfig(near_bins=3, temperature=1.0)
+    assert DecodeConfig(near_bins=3).near_bins == 3  # the argmax's neighbourhood
     with pytest.raises(ValueError, match="near_bins"):
         DecodeConfig(token_rule="mean", near_bins=-1)

@@ -93,12 +93,13 @@ class WindowForward:
 def confidences(logits: torch.Tensor, config: DecodeConfig, generator: torch.Generator | None,
                 categorical: torch.Tensor | None = None):
     """(confidence, token) per position: the argmax and its probability, or a
-    sample and its probability when ``config.temperature > 0``. With
-    ``config.token_rule == "mean"`` the token is the bin nearest the expected
-    bin except where ``categorical`` (``[Q]`` bool) is set; the confidence is
-    still the argmax's probability, so the commit schedule is unchanged, unless
-    ``config.near_bins``: then an ordinal slot's confidence is the probability
-    within that many bins of its token."""
+    sample and its probability when ``config.temperature > 0``.
+
+    With ``config.token_rule == "mean"`` the token is the bin nearest the
+    expected bin at ordinal slots (all but ``categorical``, ``[Q]`` bool).
+    The confidence stays the argmax's probability, so the commit schedule is
+    unchanged, unless ``config.near_bins``: then an ordinal slot's confidence
+    is the probability within that many bins of its token."""
     logits = logits.float()
     if config.temperature > 0:
         probs = torch.softmax(logits / config.temperature, dim=-1)
@@ -107,14 +108,15 @@ def confidences(logits: torch.Tensor, config: DecodeConfig, generator: torch.Gen
         return probs.gather(-1, tokens[..., None]).squeeze(-1), tokens
     probs = torch.softmax(logits, dim=-1)
     conf, tokens = probs.max(dim=-1)
+    if config.token_rule == "argmax" and not config.near_bins:
+        return conf, tokens
+    bins = torch.arange(probs.shape[-1], dtype=probs.dtype, device=probs.device)
+    ordinal = torch.ones_like(tokens, dtype=torch.bool) if categorical is None else ~categorical.to(tokens.device)
     if config.token_rule == "mean":
-        bins = torch.arange(probs.shape[-1], dtype=probs.dtype, device=probs.device)
-        mean = (probs @ bins).round().long()
-        ordinal = torch.ones_like(tokens, dtype=torch.bool) if categorical is None else ~categorical.to(tokens.device)
-        tokens = torch.where(ordinal, mean, tokens)
-        if config.near_bins:
-            near = ((bins.long() - tokens[..., None]).abs() <= config.near_bins).to(probs.dtype)
-            conf = torch.where(ordinal, (probs * near).sum(-1), conf)
+        tokens = torch.where(ordinal, (probs @ bins).round().long(), tokens)
+    if config.near_bins:
+        near = ((bins.long() - tokens[..., None]).abs() <= config.near_bins).to(probs.dtype)
+        conf = torch.where(ordinal, (probs * near).sum(-1), conf)
     return conf, tokens
 
 
