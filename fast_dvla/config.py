@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 METHODS = ("vanilla", "fast_dllm", "block_diffusion", "fast_dvla", "vanilla_cached")
 SCHEDULES = ("cosine", "linear")
-TOKEN_RULES = ("argmax", "mean")
+TOKEN_RULES = ("argmax", "mean", "majority")
 
 
 # the decoding settings a user picks for a policy (``fast-dvla export`` saves them) or forces on
@@ -66,7 +66,11 @@ class DecodeConfig:
         probability. An action clipped at its limit piles its mass on the
         end bin, so the argmax picks the limit while most of the mass says
         "slowing down"; committed early, it drags the rest of the chunk
-        with it (ours; README, *The shipped reference model*).
+        with it (ours; README, *The shipped reference model*). ``majority``:
+        the argmax where it holds at least half the mass, else the mean's
+        bin: a clipped action's end bin rarely holds half, while the
+        expert's other spikes (its approach floor) do, and the mean smears
+        them (ours).
     near_bins: with a greedy rule, the confidence of an ordinal slot
         is the probability within ``near_bins`` bins of the committed bin
         (0: the argmax's probability, as in the paper). A value spread over
@@ -111,8 +115,8 @@ class DecodeConfig:
             raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
         if self.token_rule not in TOKEN_RULES:
             raise ValueError(f"unknown token_rule {self.token_rule!r}; expected one of {TOKEN_RULES}")
-        if self.token_rule == "mean" and self.temperature > 0:
-            raise ValueError("token_rule='mean' is a greedy rule: it needs temperature 0")
+        if self.token_rule != "argmax" and self.temperature > 0:
+            raise ValueError(f"token_rule={self.token_rule!r} is a greedy rule: it needs temperature 0")
         if not _is_count(self.near_bins) or self.near_bins < 0:
             raise ValueError(f"near_bins must be an integer >= 0, got {self.near_bins!r}")
         if self.near_bins and self.temperature > 0:

@@ -20,6 +20,7 @@ CASES = [  # (seed, batch, config)
     (5, 2, DecodeConfig(method="fast_dvla", tau_conf=0.3, token_rule="mean")),
     (6, 2, DecodeConfig(method="fast_dvla", tau_conf=0.6, token_rule="mean", near_bins=3)),
     (7, 2, DecodeConfig(method="fast_dvla", tau_conf=0.6, near_bins=2)),
+    (8, 2, DecodeConfig(method="fast_dvla", tau_conf=0.6, token_rule="majority", near_bins=3)),
 ]
 
 

@@ -24,6 +24,20 @@ def test_mean_writes_the_expected_bin_and_keeps_the_argmax_on_categorical_slots(
     assert torch.allclose(conf_m, torch.tensor([[0.4, 0.4, 0.6]]))
 
 
+def test_majority_keeps_an_argmax_that_holds_half_the_mass():
+    # slot 0: a clipped action, 40% on the end bin (mean 2.1); slot 1: a spike holding 60% (mean 1.9);
+    # slot 2: the same spike on a categorical slot
+    probs = torch.tensor([[[0.4, 0.0, 0.0, 0.3, 0.3], [0.0, 0.6, 0.0, 0.0, 0.4], [0.0, 0.6, 0.0, 0.0, 0.4]]])
+    logits = torch.log(probs.clamp(min=1e-12))
+    categorical = torch.tensor([False, False, True])
+    conf_a, _ = confidences(logits, DecodeConfig(), None, categorical)
+    _, tok_m = confidences(logits, DecodeConfig(token_rule="mean"), None, categorical)
+    conf_j, tok_j = confidences(logits, DecodeConfig(token_rule="majority"), None, categorical)
+    assert tok_m.tolist() == [[2, 2, 1]]
+    assert tok_j.tolist() == [[2, 1, 1]]
+    assert torch.equal(conf_a, conf_j)  # the schedule is the argmax's
+
+
 def test_near_bins_with_the_argmax_scores_the_argmax_neighbourhood():
     probs = torch.tensor([[[0.4, 0.0, 0.0, 0.3, 0.3], [0.1, 0.1, 0.6, 0.1, 0.1]]])
     logits = torch.log(probs.clamp(min=1e-12))
@@ -55,10 +69,13 @@ def _policy(model):
 
 
 @pytest.mark.parametrize("config", [DecodeConfig(method="fast_dvla", tau_conf=0.3, token_rule="mean"),
-                                    DecodeConfig(method="vanilla_cached", vanilla_steps=8, token_rule="mean")])
+                                    DecodeConfig(method="vanilla_cached", vanilla_steps=8, token_rule="mean"),
+                                    DecodeConfig(method="fast_dvla", tau_conf=0.3, token_rule="majority",
+                                                 near_bins=3)])
 def test_every_commit_is_the_rule_applied_to_that_forward(config):
     """On a real model, through a policy: each token committed at a step is round(E[bin]) of that
-    step's logits, except on the gripper's slots (from the tokenizer), where it is the argmax."""
+    step's logits (majority: where the argmax holds less than half), except on the gripper's slots
+    (from the tokenizer), where it is the argmax."""
     model = tiny_model(3, sharpness=8.0)
     policy = _policy(model)
     assert model.categorical_slots.tolist() == [d == 6 for d in range(7)] * model.config.horizon
@@ -73,11 +90,14 @@ def test_every_commit_is_the_rule_applied_to_that_forward(config):
         probs = logits.softmax(-1)
         argmax = probs.argmax(-1)
         mean = (probs @ torch.arange(probs.shape[-1], dtype=probs.dtype)).round().long()
-        want = torch.where(policy.model.categorical_slots[a0:a0 + logits.shape[1]], argmax, mean)
+        moved = ~policy.model.categorical_slots[a0:a0 + logits.shape[1]]
+        if config.token_rule == "majority":
+            moved = moved & (probs.max(-1).values < 0.5)
+        want = torch.where(moved, mean, argmax)
         new = step["committed"] & ~before
         window_new = new[:, a0:a0 + logits.shape[1]]
         assert torch.equal(tokens[:, a0:a0 + logits.shape[1]][window_new], want[window_new])
-        seen_mean_differs |= bool((mean != argmax)[window_new].any())
+        seen_mean_differs |= bool((want != argmax)[window_new].any())
         before = step["committed"].clone()
     assert before.all() and seen_mean_differs
 
@@ -95,9 +115,10 @@ def test_near_bins_scores_the_committed_bins_neighbourhood():
 def test_token_rule_is_validated():
     with pytest.raises(ValueError, match="token_rule"):
         DecodeConfig(token_rule="median")
-    with pytest.raises(ValueError, match="greedy"):
-        DecodeConfig(token_rule="mean", temperature=1.0)
-    assert DecodeConfig.from_dict(DecodeConfig(token_rule="mean").to_dict()).token_rule == "mean"
+    for rule in ("mean", "majority"):
+        with pytest.raises(ValueError, match="greedy"):
+            DecodeConfig(token_rule=rule, temperature=1.0)
+        assert DecodeConfig.from_dict(DecodeConfig(token_rule=rule).to_dict()).token_rule == rule
     with pytest.raises(ValueError, match="greedy decoding"):
         DecodeConfig(near_bins=3, temperature=1.0)
     assert DecodeConfig(near_bins=3).near_bins == 3  # the argmax's neighbourhood

@@ -96,7 +96,8 @@ def confidences(logits: torch.Tensor, config: DecodeConfig, generator: torch.Gen
     sample and its probability when ``config.temperature > 0``.
 
     With ``config.token_rule == "mean"`` the token is the bin nearest the
-    expected bin at ordinal slots (all but ``categorical``, ``[Q]`` bool).
+    expected bin at ordinal slots (all but ``categorical``, ``[Q]`` bool);
+    with ``"majority"`` only where the argmax holds less than half the mass.
     The confidence stays the argmax's probability, so the commit schedule is
     unchanged, unless ``config.near_bins``: then an ordinal slot's confidence
     is the probability within that many bins of its token."""
@@ -112,8 +113,9 @@ def confidences(logits: torch.Tensor, config: DecodeConfig, generator: torch.Gen
         return conf, tokens
     bins = torch.arange(probs.shape[-1], dtype=probs.dtype, device=probs.device)
     ordinal = torch.ones_like(tokens, dtype=torch.bool) if categorical is None else ~categorical.to(tokens.device)
-    if config.token_rule == "mean":
-        tokens = torch.where(ordinal, (probs @ bins).round().long(), tokens)
+    if config.token_rule != "argmax":
+        moved = ordinal if config.token_rule == "mean" else ordinal & (conf < 0.5)
+        tokens = torch.where(moved, (probs @ bins).round().long(), tokens)
     if config.near_bins:
         near = ((bins.long() - tokens[..., None]).abs() <= config.near_bins).to(probs.dtype)
         conf = torch.where(ordinal, (probs * near).sum(-1), conf)
