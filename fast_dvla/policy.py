@@ -50,7 +50,7 @@ class FastDVLAPolicy:
         if not 1 <= self.n_action_steps <= cfg.horizon:
             raise ValueError(f"n_action_steps must be in [1, {cfg.horizon}], got {self.n_action_steps}")
         self.processor = ObservationProcessor(cfg, self.state_norm)
-        # where token_rule="mean" keeps the argmax (see DVLAModel)
+        # where the mean rules keep the argmax (see DVLAModel)
         self.model.categorical_slots = torch.as_tensor(action_tokenizer.categorical_slots(cfg.horizon))
         self.last_stats: DecodeStats | None = None
         self._queue: deque = deque()
