@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fast_dvla import ActionTokenizer, DecodeConfig, FastDVLAPolicy, decode
-from fast_dvla.decoding.common import confidences
+from fast_dvla.decoding.common import MAJORITY, confidences
 from fast_dvla.processor import StateNormalizer
 from helpers import ScriptedModel, random_prefix, scripted_prefix, tiny_model
 
@@ -92,7 +92,7 @@ def test_every_commit_is_the_rule_applied_to_that_forward(config):
         mean = (probs @ torch.arange(probs.shape[-1], dtype=probs.dtype)).round().long()
         moved = ~policy.model.categorical_slots[a0:a0 + logits.shape[1]]
         if config.token_rule == "majority":
-            moved = moved & (probs.max(-1).values < 0.5)
+            moved = moved & (probs.max(-1).values < MAJORITY)
         want = torch.where(moved, mean, argmax)
         new = step["committed"] & ~before
         window_new = new[:, a0:a0 + logits.shape[1]]

@@ -11,6 +11,8 @@ from ..cache import BlockKVCache
 from ..config import DecodeConfig
 from ..masks import dense_mask
 
+MAJORITY = 0.5  # token_rule="majority" keeps an argmax holding at least this share of the mass
+
 
 @dataclass
 class DecodeStats:
@@ -114,7 +116,7 @@ def confidences(logits: torch.Tensor, config: DecodeConfig, generator: torch.Gen
     bins = torch.arange(probs.shape[-1], dtype=probs.dtype, device=probs.device)
     ordinal = torch.ones_like(tokens, dtype=torch.bool) if categorical is None else ~categorical.to(tokens.device)
     if config.token_rule != "argmax":
-        moved = ordinal if config.token_rule == "mean" else ordinal & (conf < 0.5)
+        moved = ordinal if config.token_rule == "mean" else ordinal & (conf < MAJORITY)
         tokens = torch.where(moved, (probs @ bins).round().long(), tokens)
     if config.near_bins:
         near = ((bins.long() - tokens[..., None]).abs() <= config.near_bins).to(probs.dtype)
