@@ -2,11 +2,12 @@
 implementation for transformers backbones.
 
 The engine needs four things from a model: embeddings for action tokens,
-a backbone forward that takes input embeddings, absolute positions, a 4D
-boolean mask and (optionally) a :class:`BlockKVCache`, the action-logit
-head, and the shape of its chunk. Any backbone that accepts a 4D mask and a
-KV cache can be decoded; :class:`TransformersBackbone` wraps a transformers
-decoder (``LlamaModel``, ``Qwen2Model``, ...).
+a backbone forward that takes input embeddings, absolute positions, the
+forward's :class:`AttentionLayout` (from which it derives its mask) and
+(optionally) a :class:`BlockKVCache`, the action-logit head, and the shape
+of its chunk. Any backbone that accepts a 4D mask and a KV cache can be
+decoded; :class:`TransformersBackbone` wraps a transformers decoder
+(``LlamaModel``, ``Qwen2Model``, ...).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from .cache import BlockKVCache
-from .masks import to_additive
+from .masks import AttentionLayout
 
 
 class DVLAModel(nn.Module):
@@ -22,10 +23,7 @@ class DVLAModel(nn.Module):
 
     Subclasses set ``chunk_len`` (action tokens per chunk), ``block_size``,
     ``n_bins`` (action vocabulary; ``mask_token_id == n_bins``) and
-    implement the three methods below. Optionally ``categorical_slots``
-    (``[chunk_len]`` bool): slots whose bins are categories rather than
-    ordered values (a gripper's open/close), where ``token_rule="mean"``
-    keeps the argmax; absent or None, every slot is ordinal.
+    implement the methods below.
     """
 
     chunk_len: int
@@ -44,11 +42,10 @@ class DVLAModel(nn.Module):
         """``tokens [B, Q]`` (``mask_token_id`` for [MASK]) at chunk slots ``slots [Q]`` -> ``[B, Q, H]``."""
         raise NotImplementedError
 
-    def backbone_forward(self, embeds: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                         cache: BlockKVCache | None, layout=None) -> torch.Tensor:
-        """``embeds [B, Q, H]`` at absolute ``positions [Q]``, boolean ``mask [B|1, 1, Q, K]`` -> hidden ``[B, Q, H]``.
-        ``layout`` (:class:`fast_dvla.attention.AttentionLayout`) describes the same mask structurally, for
-        fused attention backends; others may ignore it."""
+    def backbone_forward(self, embeds: torch.Tensor, positions: torch.Tensor, layout: AttentionLayout,
+                         cache: BlockKVCache | None) -> torch.Tensor:
+        """``embeds [B, Q, H]`` at absolute ``positions [Q]`` -> hidden ``[B, Q, H]``, attending as ``layout``
+        says (e.g. ``layout.dense_mask(device)``, the boolean ``[1, 1, Q, K]`` mask)."""
         raise NotImplementedError
 
     def action_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -69,9 +66,9 @@ def lean_forward(decoder: nn.Module, embeds: torch.Tensor, position_ids: torch.T
     """The same computation as ``decoder(inputs_embeds=...)`` for a Llama-layout decoder,
     without its per-call machinery (output capture, mask preparation, keyword plumbing).
 
-    On the reference model (4 layers x 256, windows of 7-28 tokens, one CPU thread) that
-    machinery was 5-8% of a Fast-dVLA chunk; on a 7B model it is noise. Submodules are
-    still called as modules, so biases (Qwen2) and LoRA adapters (peft) apply.
+    That machinery is a fixed cost per forward: small next to a large model's layers, but
+    a visible share of a small model's short cached windows. Submodules are still called
+    as modules, so biases (Qwen2) and LoRA adapters (peft) apply.
     """
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
@@ -100,9 +97,12 @@ def lean_forward(decoder: nn.Module, embeds: torch.Tensor, position_ids: torch.T
 class TransformersBackbone(nn.Module):
     """A transformers decoder run with our own 4D mask and block cache.
 
-    transformers returns a 4D mask unchanged, so the block-causal rule is
-    never replaced by its token-causal default. ``eager`` attention adds the
-    mask to the scores, so it gets the additive form. Llama-layout decoders
+    Every forward takes an :class:`AttentionLayout`. fast-dvla's backends
+    read it directly (``fast_dvla_layout``); transformers' ``eager`` reads
+    only ``attention_mask`` and adds it to the scores, so it gets the
+    layout's additive mask, the others its dense boolean mask. transformers
+    returns a 4D mask unchanged, so the block-causal rule is never replaced
+    by its token-causal default. Llama-layout decoders
     (:data:`LEAN_DECODERS`) run through :func:`lean_forward` unless
     ``lean=False``; tests check that both paths agree.
     """
@@ -132,13 +132,17 @@ class TransformersBackbone(nn.Module):
         self.decoder.config._attn_implementation = transformers_name(name)
         self.backend = name
 
-    def forward(self, embeds, positions, mask, cache=None, layout=None):
-        if mask.dtype != torch.bool or mask.dim() != 4:
-            raise ValueError(f"expected a 4D boolean mask, got {mask.dtype} with {mask.dim()} dims")
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, layout: AttentionLayout,
+                cache: BlockKVCache | None = None) -> torch.Tensor:
+        if not isinstance(layout, AttentionLayout):
+            raise TypeError(f"expected the forward's fast_dvla.masks.AttentionLayout, got {type(layout).__name__}")
+        if embeds.shape[1] != layout.q_len:
+            raise ValueError(f"{embeds.shape[1]} query embeddings for a layout of {layout.q_len} queries")
         kwargs = {}
         if self.backend == "eager":
-            mask = to_additive(mask, embeds.dtype)
+            mask = layout.additive_mask(embeds.dtype, embeds.device)
         else:
+            mask = layout.dense_mask(embeds.device)
             kwargs["fast_dvla_layout"] = layout
         position_ids = positions.reshape(1, -1).expand(embeds.shape[0], -1)
         if self.lean:

@@ -4,8 +4,10 @@ Slot ``p`` of the buffer holds the keys/values of sequence position ``p``.
 ``length`` is the number of leading slots whose keys/values are final (the
 prefix plus complete blocks, left to right). A forward over a window of
 positions ``[start, end)`` writes its keys/values into those slots as
-scratch and attends over ``[0, read_len)``; the final region ``[0, length)``
-is only read. Shapes never change, so the buffer can sit under CUDA graphs.
+scratch and attends over ``[0, read_len)``. The block-causal decoders start
+every window at or after ``length``, so the final region is only read;
+Fast-dLLM's refresh forward starts at 0 and rewrites it (its cache is an
+approximation by design). The buffer is allocated once, at full length.
 
 The object is duck-typed for transformers: attention layers call
 ``update(key, value, layer_idx)`` and get back the keys/values to attend to.

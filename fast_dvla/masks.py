@@ -6,18 +6,25 @@ for action positions. The student (block-causal) rule is
 ``visible(q, k) = block_id(k) <= block_id(q)``: the prefix is bidirectional
 among itself and blind to actions, action blocks see the prefix and every
 earlier block, bidirectionally inside their own block. The teacher sees
-everything (``bidirectional``).
+everything (``bidirectional``). See docs/design.md#attention-masks.
+
+A forward's attention is described once, by an :class:`AttentionLayout`;
+every backend derives what it reads from it: the dense boolean mask (SDPA),
+the additive float mask (eager), the FlexAttention block mask, or the cache
+length of the fused kernels (triton, flash).
 
 Boolean masks use ``True`` = may attend (the SDPA convention).
 """
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import torch
 
 BLOCK_CAUSAL = "block_causal"
 BIDIRECTIONAL = "bidirectional"
-TOKEN_CAUSAL = "token_causal"  # only used by tests to show a wrong mask is caught
-MASK_KINDS = (BLOCK_CAUSAL, BIDIRECTIONAL, TOKEN_CAUSAL)
+MASK_KINDS = (BLOCK_CAUSAL, BIDIRECTIONAL)
 
 
 def block_ids(positions: torch.Tensor, prefix_len: int, block_size: int) -> torch.Tensor:
@@ -28,6 +35,12 @@ def block_ids(positions: torch.Tensor, prefix_len: int, block_size: int) -> torc
     return torch.where(rel < 0, torch.full_like(rel, -1), torch.div(rel, block_size, rounding_mode="floor"))
 
 
+def check_kind(kind: str) -> str:
+    if kind not in MASK_KINDS:
+        raise ValueError(f"unknown mask kind {kind!r}; expected one of {MASK_KINDS}")
+    return kind
+
+
 def visible(
     q_positions: torch.Tensor,
     k_positions: torch.Tensor,
@@ -36,40 +49,11 @@ def visible(
     kind: str = BLOCK_CAUSAL,
 ) -> torch.Tensor:
     """``[Q, K]`` boolean: may query position ``q`` attend to key position ``k``."""
-    if kind == BIDIRECTIONAL:
+    if check_kind(kind) == BIDIRECTIONAL:
         return torch.ones(q_positions.numel(), k_positions.numel(), dtype=torch.bool, device=q_positions.device)
-    if kind == TOKEN_CAUSAL:
-        return k_positions[None, :] <= q_positions[:, None]
-    if kind != BLOCK_CAUSAL:
-        raise ValueError(f"unknown mask kind {kind!r}; expected one of {MASK_KINDS}")
     qb = block_ids(q_positions, prefix_len, block_size)
     kb = block_ids(k_positions, prefix_len, block_size)
     return kb[None, :] <= qb[:, None]
-
-
-def dense_mask(
-    prefix_len: int,
-    block_size: int,
-    q_start: int,
-    q_len: int,
-    kv_len: int,
-    kind: str = BLOCK_CAUSAL,
-    key_valid: torch.Tensor | None = None,
-    device: torch.device | str = "cpu",
-) -> torch.Tensor:
-    """4D boolean mask ``[B or 1, 1, q_len, kv_len]`` for queries at absolute
-    positions ``q_start .. q_start + q_len`` over keys ``0 .. kv_len``.
-
-    ``key_valid`` (``[B, kv_len]`` bool, optional) hides padded key positions.
-    """
-    q_pos = torch.arange(q_start, q_start + q_len, device=device)
-    k_pos = torch.arange(kv_len, device=device)
-    mask = visible(q_pos, k_pos, prefix_len, block_size, kind)[None, None]
-    if key_valid is not None:
-        if key_valid.shape[-1] != kv_len:
-            raise ValueError(f"key_valid covers {key_valid.shape[-1]} keys, mask has {kv_len}")
-        mask = mask & key_valid[:, None, None, :].to(torch.bool)
-    return mask
 
 
 def to_additive(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -84,6 +68,115 @@ def to_additive(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch
     return out.masked_fill(~mask, torch.finfo(dtype).min)
 
 
+@dataclass(frozen=True)
+class AttentionLayout:
+    """One forward's attention: queries at absolute positions
+    ``q_start .. q_start + q_len`` over keys ``0 .. kv_len`` of
+    ``[prefix (prefix_len) | blocks of block_size]``, under mask ``kind``
+    (:data:`BLOCK_CAUSAL` or :data:`BIDIRECTIONAL`).
+
+    Frozen and hashable: the masks derived from it are memoised per layout
+    and device (a decode sees only a handful of distinct windows).
+    """
+
+    prefix_len: int
+    block_size: int
+    q_start: int
+    q_len: int
+    kv_len: int
+    kind: str = BLOCK_CAUSAL
+
+    def __post_init__(self):
+        check_kind(self.kind)
+        if self.block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if self.prefix_len < 0 or self.q_start < 0 or self.q_len <= 0 or self.q_start + self.q_len > self.kv_len:
+            raise ValueError(f"bad layout: queries [{self.q_start}, {self.q_start + self.q_len}) over "
+                             f"{self.kv_len} keys, prefix {self.prefix_len}")
+
+    @classmethod
+    def full(cls, prefix_len: int, block_size: int, length: int, kind: str = BLOCK_CAUSAL) -> "AttentionLayout":
+        """An uncached forward over the whole sequence ``[0, length)`` (training, uncached decoding)."""
+        return cls(prefix_len, block_size, 0, length, length, kind)
+
+    def dense_mask(self, device: torch.device | str = "cpu", key_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """4D boolean mask ``[B or 1, 1, q_len, kv_len]`` (the SDPA form).
+
+        ``key_valid`` (``[B, kv_len]`` bool, optional) hides padded key positions.
+        Without it the mask is memoised: treat it as read-only.
+        """
+        mask = _dense(self, torch.device(device))
+        if key_valid is not None:
+            if key_valid.shape[-1] != self.kv_len:
+                raise ValueError(f"key_valid covers {key_valid.shape[-1]} keys, mask has {self.kv_len}")
+            mask = mask & key_valid[:, None, None, :].to(torch.bool)
+        return mask
+
+    def additive_mask(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The dense mask in additive form (transformers' ``eager``); memoised, read-only."""
+        return _additive(self, dtype, torch.device(device))
+
+    def flex_block_mask(self, device: torch.device | str = "cpu"):
+        """The same rule as a FlexAttention ``BlockMask``; memoised."""
+        return _flex(self, torch.device(device))
+
+    @property
+    def fused_cache_len(self) -> int | None:
+        """The cache length when the forward is "cache unmasked + in-flight
+        blocks block-causal", the shape the fused kernels compute; else None
+        (the prefix forward, the teacher, Fast-dLLM windows), and backends
+        use the dense mask instead."""
+        aligned = self.q_start >= self.prefix_len and (self.q_start - self.prefix_len) % self.block_size == 0
+        if self.kind == BLOCK_CAUSAL and aligned and self.kv_len == self.q_start + self.q_len:
+            return self.q_start
+        return None
+
+
+# bounded: a long-lived process (a policy server, a benchmark sweep) sees new shapes now and then
+@functools.lru_cache(maxsize=128)
+def _dense(layout: AttentionLayout, device: torch.device) -> torch.Tensor:
+    q_pos = torch.arange(layout.q_start, layout.q_start + layout.q_len, device=device)
+    k_pos = torch.arange(layout.kv_len, device=device)
+    return visible(q_pos, k_pos, layout.prefix_len, layout.block_size, layout.kind)[None, None]
+
+
+@functools.lru_cache(maxsize=128)
+def _additive(layout: AttentionLayout, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return to_additive(layout.dense_mask(device), dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _flex(layout: AttentionLayout, device: torch.device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    prefix_len, block_size, q_start = layout.prefix_len, layout.block_size, layout.q_start
+    bidirectional = layout.kind == BIDIRECTIONAL
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        if bidirectional:
+            return kv_idx >= 0
+        q_pos = q_idx + q_start
+        qb = torch.where(q_pos < prefix_len, -1, (q_pos - prefix_len) // block_size)
+        kb = torch.where(kv_idx < prefix_len, -1, (kv_idx - prefix_len) // block_size)
+        return kb <= qb
+
+    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=layout.q_len, KV_LEN=layout.kv_len, device=device)
+
+
+def dense_mask(
+    prefix_len: int,
+    block_size: int,
+    q_start: int,
+    q_len: int,
+    kv_len: int,
+    kind: str = BLOCK_CAUSAL,
+    key_valid: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Shorthand for ``AttentionLayout(...).dense_mask(device, key_valid)``."""
+    return AttentionLayout(prefix_len, block_size, q_start, q_len, kv_len, kind).dense_mask(device, key_valid)
+
+
 def flex_block_mask(
     prefix_len: int,
     block_size: int,
@@ -93,17 +186,5 @@ def flex_block_mask(
     kind: str = BLOCK_CAUSAL,
     device: torch.device | str = "cpu",
 ):
-    """The same rule as a FlexAttention ``BlockMask``."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        q_pos = q_idx + q_start
-        if kind == BIDIRECTIONAL:
-            return kv_idx >= 0
-        if kind == TOKEN_CAUSAL:
-            return kv_idx <= q_pos
-        qb = torch.where(q_pos < prefix_len, -1, (q_pos - prefix_len) // block_size)
-        kb = torch.where(kv_idx < prefix_len, -1, (kv_idx - prefix_len) // block_size)
-        return kb <= qb
-
-    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=q_len, KV_LEN=kv_len, device=device)
+    """Shorthand for ``AttentionLayout(...).flex_block_mask(device)``."""
+    return AttentionLayout(prefix_len, block_size, q_start, q_len, kv_len, kind).flex_block_mask(device)

@@ -135,8 +135,8 @@ class ReferenceDVLA(DVLAModel):
     def embed_actions(self, tokens, slots):
         return self.action_embed(tokens) + self.slot_embed[slots]
 
-    def backbone_forward(self, embeds, positions, mask, cache, layout=None):
-        return self.backbone(embeds, positions, mask, cache, layout)
+    def backbone_forward(self, embeds, positions, layout, cache):
+        return self.backbone(embeds, positions, layout, cache)
 
     def action_logits(self, hidden):
         return self.head(hidden)

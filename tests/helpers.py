@@ -49,7 +49,7 @@ class ScriptedModel(DVLAModel):
     def embed_actions(self, tokens, slots):
         return slots.float().view(1, -1, 1).expand(tokens.shape[0], -1, 1) + 0 * self._dummy
 
-    def backbone_forward(self, embeds, positions, mask, cache, layout=None):
+    def backbone_forward(self, embeds, positions, layout, cache):
         self.forwards += 1
         return embeds
 

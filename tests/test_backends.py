@@ -6,8 +6,7 @@ import torch
 
 from fast_dvla import DecodeConfig, decode
 from fast_dvla.attention import BackendUnavailable, unavailable_reason, use_backend
-from fast_dvla.attention.layout import AttentionLayout
-from fast_dvla.masks import BIDIRECTIONAL, BLOCK_CAUSAL
+from fast_dvla.masks import BIDIRECTIONAL, BLOCK_CAUSAL, AttentionLayout
 from helpers import random_prefix, tiny_model
 
 RUNNABLE = [b for b in ("eager", "flex", "triton") if unavailable_reason(b) is None]
@@ -38,11 +37,21 @@ def test_triton_is_runnable_in_tests():
     assert "triton" in RUNNABLE, unavailable_reason("triton")
 
 
-def test_fused_layout_only_for_cached_block_causal_windows():
-    assert AttentionLayout(10, 7, 24, 14, 38, BLOCK_CAUSAL).fused_cache_len == 24
-    assert AttentionLayout(10, 7, 0, 38, 38, BLOCK_CAUSAL).fused_cache_len is None      # prefix forward
-    assert AttentionLayout(10, 7, 17, 7, 38, BIDIRECTIONAL).fused_cache_len is None     # the teacher
-    assert AttentionLayout(10, 7, 17, 7, 52, BLOCK_CAUSAL).fused_cache_len is None      # reads past the window
+def test_attention_backends_need_the_layout():
+    """fast-dvla's backends read the forward's AttentionLayout, never a bare mask tensor."""
+    from fast_dvla.attention import backends
+    from fast_dvla.backbone import TransformersBackbone
+
+    q = torch.randn(1, 2, 3, 4)
+    for fn in (backends.sdpa_attention, backends.flex_attention, backends.triton_attention):
+        with pytest.raises(RuntimeError, match="AttentionLayout"):
+            fn(None, q, q, q, torch.ones(1, 1, 3, 3, dtype=torch.bool))
+    backbone = tiny_model(0).backbone
+    with pytest.raises(TypeError, match="AttentionLayout"):
+        backbone(torch.randn(1, 3, 64), torch.arange(3), torch.ones(1, 1, 3, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="queries"):
+        backbone(torch.randn(1, 3, 64), torch.arange(3), AttentionLayout.full(1, 2, 5))
+    assert isinstance(backbone, TransformersBackbone)
 
 
 def test_unknown_and_unavailable_backends_say_why(monkeypatch):
@@ -103,7 +112,6 @@ def test_lean_forward_on_a_qwen2_decoder():
     from transformers import Qwen2Config, Qwen2Model
 
     from fast_dvla.backbone import TransformersBackbone
-    from fast_dvla.masks import dense_mask
 
     torch.manual_seed(0)
     decoder = Qwen2Model(Qwen2Config(vocab_size=2, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -113,10 +121,10 @@ def test_lean_forward_on_a_qwen2_decoder():
     backbone = TransformersBackbone(decoder, "sdpa")
     assert backbone.lean
     embeds, positions = torch.randn(2, 17, 32), torch.arange(17)
-    mask = dense_mask(3, 7, 0, 17, 17, BLOCK_CAUSAL)
-    fast = backbone(embeds, positions, mask)
+    layout = AttentionLayout.full(3, 7, 17, BLOCK_CAUSAL)
+    fast = backbone(embeds, positions, layout)
     backbone.lean = False
-    assert torch.allclose(fast, backbone(embeds, positions, mask), atol=1e-5)
+    assert torch.allclose(fast, backbone(embeds, positions, layout), atol=1e-5)
 
 
 def test_only_llama_layout_decoders_take_the_lean_path():

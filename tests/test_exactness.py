@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from fast_dvla import DecodeConfig, decode
-from fast_dvla.decoding import pipelined
-from fast_dvla.decoding.common import WindowForward
-from fast_dvla.masks import BIDIRECTIONAL, TOKEN_CAUSAL
+from fast_dvla.decoding import common, pipelined
+from fast_dvla.masks import BIDIRECTIONAL, AttentionLayout
 from helpers import random_prefix, tiny_model
 
 SHARP = 8.0  # spreads confidences over [0, 1] while logits stay O(1-10)
@@ -24,12 +23,9 @@ CASES = [  # (seed, batch, config)
 ]
 
 
-def run(model, prefix, config, forward=None):
+def run(model, prefix, config):
     trace = []
-    if forward is None:
-        result = decode(model, prefix, config, trace=trace)
-    else:
-        result = pipelined.decode_pipelined(model, prefix, config, trace=trace, _forward=forward)
+    result = decode(model, prefix, config, trace=trace)
     return result, trace
 
 
@@ -73,15 +69,37 @@ def assert_cached_equals_uncached(model, seed, batch, config):
         assert any(t["window_blocks"][1] - t["window_blocks"][0] > 1 for t in trace_c)
 
 
-@pytest.mark.parametrize("kind", [TOKEN_CAUSAL, BIDIRECTIONAL])
-def test_wrong_mask_is_caught(kind):
+# wrong masks, built here: the library has no way to attend with either
+class TokenCausalLayout(AttentionLayout):
+    """Each position sees itself and every earlier one (an autoregressive LM's mask)."""
+
+    def dense_mask(self, device="cpu", key_valid=None):
+        q = torch.arange(self.q_start, self.q_start + self.q_len, device=device)
+        return (torch.arange(self.kv_len, device=device)[None, :] <= q[:, None])[None, None]
+
+
+class BidirectionalLayout(AttentionLayout):
+    """The teacher's mask wherever the decoder asks for the student's."""
+
+    def __init__(self, prefix_len, block_size, q_start, q_len, kv_len, kind):
+        super().__init__(prefix_len, block_size, q_start, q_len, kv_len, BIDIRECTIONAL)
+
+
+@pytest.mark.parametrize("wrong", [TokenCausalLayout, BidirectionalLayout])
+def test_wrong_mask_is_caught(monkeypatch, wrong):
     model = tiny_model(5, sharpness=SHARP)
     prefix = random_prefix(model, 2, 5)
     config = DecodeConfig(method="fast_dvla", tau_conf=0.3)
     _, reference = run(model, prefix, config.replace(use_cache=False))
-    fwd = WindowForward(model, prefix, model.new_cache(2, prefix.shape[1] + model.chunk_len))
-    fwd.mask_kind_override = kind
-    _, broken = run(model, prefix, config, forward=fwd)
+    built = []
+
+    def wrong_layout(*args):
+        built.append(wrong(*args))
+        return built[-1]
+
+    monkeypatch.setattr(common, "AttentionLayout", wrong_layout)  # every forward's layout, in WindowForward
+    _, broken = run(model, prefix, config)
+    assert built and all(type(layout) is wrong for layout in built)  # the decode really attended wrongly
     assert max_logit_gap(broken, reference) > 1e-3
 
 
@@ -93,9 +111,19 @@ def test_caching_an_incomplete_block_is_caught(monkeypatch):
     _, correct = run(model, prefix, config)
     assert max_logit_gap(correct, reference) < 1e-5
     # cache a block as soon as this step's commit completes it: its keys/values
-    # in the cache then come from a forward that still had [MASK]s in it
-    monkeypatch.setattr(pipelined, "cacheable_blocks",
-                        lambda before, after: pipelined.leading_complete_blocks(after))
+    # in the cache then come from a forward that still had [MASK]s in it.
+    # The decoder's `committed` is updated in place: reading it when the cache is
+    # extended gives the blocks complete *after* this step's commit.
+    live = {}
+    complete_blocks = pipelined.complete_blocks
+
+    def spy(committed, block_size):
+        live.update(committed=committed, block_size=block_size)
+        return complete_blocks(committed, block_size)
+
+    monkeypatch.setattr(pipelined, "complete_blocks", spy)
+    monkeypatch.setattr(pipelined, "cacheable_blocks", lambda before: pipelined.leading_complete_blocks(
+        complete_blocks(live["committed"], live["block_size"])))
     _, broken = run(model, prefix, config)
     assert max_logit_gap(broken, reference) > 1e-3
 

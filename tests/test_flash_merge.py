@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fast_dvla.kernels import flash_block_causal_attention, gather_inflight, inflight_partial, merge_partials
+from fast_dvla_kernels import flash_block_causal_attention, gather_inflight, inflight_partial, merge_partials
 
 
 def partial(q, k, v, scale):

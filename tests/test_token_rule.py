@@ -78,10 +78,13 @@ def test_every_commit_is_the_rule_applied_to_that_forward(config):
     (from the tokenizer), where it is the argmax."""
     model = tiny_model(3, sharpness=8.0)
     policy = _policy(model)
-    assert model.categorical_slots.tolist() == [d == 6 for d in range(7)] * model.config.horizon
+    categorical = torch.as_tensor(policy.action_tokenizer.categorical_slots(model.config.horizon))
+    assert categorical.tolist() == [d == 6 for d in range(7)] * model.config.horizon
     prefix = random_prefix(model, 2, 3)
     trace = []
-    tokens = decode(model, prefix, config, trace=trace).tokens
+    tokens = decode(model, prefix, config, trace=trace, categorical=categorical).tokens
+    # the policy decodes with the same slots: the same tokens from the same prefix
+    assert torch.equal(policy.decode_prefix(prefix, config).tokens, tokens)
     before = torch.zeros_like(tokens, dtype=torch.bool)
     L, seen_mean_differs = model.chunk_len, False
     for step in trace:
@@ -90,7 +93,7 @@ def test_every_commit_is_the_rule_applied_to_that_forward(config):
         probs = logits.softmax(-1)
         argmax = probs.argmax(-1)
         mean = (probs @ torch.arange(probs.shape[-1], dtype=probs.dtype)).round().long()
-        moved = ~policy.model.categorical_slots[a0:a0 + logits.shape[1]]
+        moved = ~categorical[a0:a0 + logits.shape[1]]
         if config.token_rule == "majority":
             moved = moved & (probs.max(-1).values < MAJORITY)
         want = torch.where(moved, mean, argmax)
@@ -124,3 +127,23 @@ def test_token_rule_is_validated():
     assert DecodeConfig(near_bins=3).near_bins == 3  # the argmax's neighbourhood
     with pytest.raises(ValueError, match="near_bins"):
         DecodeConfig(token_rule="mean", near_bins=-1)
+
+
+def test_categorical_is_an_explicit_argument():
+    """Without ``categorical`` every slot is ordinal; with it, its slots keep the argmax. It is
+    checked against the chunk."""
+    g = torch.Generator().manual_seed(1)
+    conf = torch.rand(2, 28, generator=g) * 0.85 + 0.1  # above 1/16: the target is the argmax
+    target = torch.randint(0, 16, (2, 28), generator=g)
+    config = DecodeConfig(method="fast_dvla", tau_conf=0.6, token_rule="mean")
+    categorical = torch.arange(28) % 7 == 6
+    ordinal = decode(ScriptedModel(conf, target, block_size=7), scripted_prefix(2), config).tokens
+    mixed = decode(ScriptedModel(conf, target, block_size=7), scripted_prefix(2), config,
+                   categorical=categorical.numpy()).tokens
+    assert torch.equal(mixed[:, categorical], target[:, categorical])
+    assert torch.equal(mixed[:, ~categorical], ordinal[:, ~categorical])
+    assert not torch.equal(mixed, ordinal)
+    with pytest.raises(ValueError, match="shape"):
+        decode(ScriptedModel(conf, target, block_size=7), scripted_prefix(2), config, categorical=categorical[:7])
+    with pytest.raises(TypeError, match="boolean"):
+        decode(ScriptedModel(conf, target, block_size=7), scripted_prefix(2), config, categorical=categorical.long())

@@ -7,14 +7,16 @@ kernel), ``flash`` (flash-attn 2, GPU only).
     use_backend(model, "triton")
 
 A backend that cannot run here raises :class:`BackendUnavailable` saying
-why; nothing falls back silently to another mask.
+why; nothing falls back silently to another mask. Every backend reads the
+forward's :class:`fast_dvla.masks.AttentionLayout` (see
+docs/design.md#attention-backends).
 """
 from __future__ import annotations
 
 from transformers import AttentionInterface
 
 from . import backends
-from .layout import AttentionLayout
+from ..masks import AttentionLayout
 
 # name -> (attention function or a transformers built-in name, reason-it-cannot-run or None)
 _BACKENDS = {

@@ -5,7 +5,7 @@ import torch
 
 from ..backbone import DVLAModel
 from ..config import DecodeConfig
-from .common import DecodeResult, DecodeStats
+from .common import DecodeResult, DecodeStats, check_categorical
 from .fast_dllm import decode_fast_dllm
 from .pipelined import decode_pipelined
 from .unmask import fallback_steps_per_block
@@ -41,15 +41,22 @@ def check_prefix(model: DVLAModel, prefix: torch.Tensor) -> None:
 
 @torch.no_grad()
 def decode(model: DVLAModel, prefix: torch.Tensor, config: DecodeConfig | None = None,
-           trace: list | None = None) -> DecodeResult:
+           trace: list | None = None, categorical=None) -> DecodeResult:
     """Decode one action chunk per row of ``prefix`` (``[B, P, H]`` prefix
     embeddings). Returns the tokens ``[B, chunk_len]`` and the statistics.
-    Pass a list as ``trace`` to record every step (tests, debugging)."""
+    Pass a list as ``trace`` to record every step (tests, debugging).
+
+    ``categorical`` (``[chunk_len]`` bool, e.g. ``ActionTokenizer.categorical_slots(horizon)``):
+    slots whose bins are categories rather than ordered values (a gripper's
+    open/close), where ``token_rule="mean"``/``"majority"`` keep the argmax
+    and ``near_bins`` does not widen the confidence; None: every slot is
+    ordinal (see docs/design.md#token-rules)."""
     config = config or DecodeConfig()
     if not isinstance(config, DecodeConfig):
         raise TypeError(f"config must be a DecodeConfig, got {type(config).__name__}")
     check_prefix(model, prefix)
-    return DECODERS[config.method](model, prefix, config, trace)
+    categorical = check_categorical(model, categorical, prefix.device)
+    return DECODERS[config.method](model, prefix, config, trace, categorical=categorical)
 
 
 def max_nfe(model: DVLAModel, config: DecodeConfig) -> int:

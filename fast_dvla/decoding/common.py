@@ -5,11 +5,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..attention.layout import AttentionLayout
 from ..backbone import DVLAModel
 from ..cache import BlockKVCache
 from ..config import DecodeConfig
-from ..masks import dense_mask
+from ..masks import AttentionLayout
 
 MAJORITY = 0.5  # token_rule="majority" keeps an argmax holding at least this share of the mass
 
@@ -46,28 +45,20 @@ class WindowForward:
     """Runs the backbone over positions ``[start, end)`` of
     ``[prefix | action chunk]`` and returns the action logits of that window.
 
-    Masks are built by :func:`fast_dvla.masks.dense_mask` and memoised per
-    window shape (a decode sees only a handful of distinct windows).
+    Each forward is described once, by an :class:`~fast_dvla.masks.AttentionLayout`
+    built here from the window and the mask ``kind``; the backbone's attention
+    derives its mask from it (memoised per layout).
     """
 
     def __init__(self, model: DVLAModel, prefix: torch.Tensor, cache: BlockKVCache | None):
         self.model, self.prefix, self.cache = model, prefix, cache
         self.prefix_len = prefix.shape[1]
         self.total_len = self.prefix_len + model.chunk_len
-        self._masks: dict = {}
-        # tests swap this to show that a wrong mask is caught
-        self.mask_kind_override: str | None = None
-
-    def mask(self, start: int, end: int, kv_len: int, kind: str) -> torch.Tensor:
-        kind = self.mask_kind_override or kind
-        key = (start, end, kv_len, kind)
-        if key not in self._masks:
-            self._masks[key] = dense_mask(self.prefix_len, self.model.block_size, start, end - start, kv_len,
-                                          kind, device=self.prefix.device)
-        return self._masks[key]
 
     def __call__(self, tokens: torch.Tensor, start: int, end: int, kind: str, use_cache: bool,
                  read_len: int | None = None) -> torch.Tensor:
+        """Queries at ``[start, end)`` over keys ``[0, read_len)`` (default ``end``) under mask ``kind``;
+        ``use_cache``: write the window's keys/values into the cache and read the rest from it."""
         P = self.prefix_len
         kv_len = end if read_len is None else read_len
         if use_cache:
@@ -86,9 +77,8 @@ class WindowForward:
             parts.append(self.model.embed_actions(tokens[:, a0:a1], slots))
         embeds = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         positions = torch.arange(start, end, device=tokens.device)
-        kind = self.mask_kind_override or kind
         layout = AttentionLayout(P, self.model.block_size, start, end - start, kv_len, kind)
-        hidden = self.model.backbone_forward(embeds, positions, self.mask(start, end, kv_len, kind), cache, layout)
+        hidden = self.model.backbone_forward(embeds, positions, layout, cache)
         return self.model.action_logits(hidden[:, max(start, P) - start:])
 
 
@@ -124,10 +114,22 @@ def confidences(logits: torch.Tensor, config: DecodeConfig, generator: torch.Gen
     return conf, tokens
 
 
-def categorical_window(model: DVLAModel, a0: int, a1: int) -> torch.Tensor | None:
-    """The model's ``categorical_slots`` over chunk slots ``[a0, a1)`` (None: every slot ordinal)."""
-    slots = getattr(model, "categorical_slots", None)
-    return None if slots is None else slots[a0:a1]
+def check_categorical(model: DVLAModel, categorical, device) -> torch.Tensor | None:
+    """``categorical`` (``[chunk_len]`` bool, any array-like, or None) as a bool tensor on ``device``."""
+    if categorical is None:
+        return None
+    slots = torch.as_tensor(categorical, device=device)
+    if slots.dtype != torch.bool:
+        raise TypeError(f"categorical must be a boolean mask over the chunk's slots, got dtype {slots.dtype}")
+    if tuple(slots.shape) != (model.chunk_len,):
+        raise ValueError(f"categorical must have shape ({model.chunk_len},) (one flag per chunk slot), "
+                         f"got {tuple(slots.shape)}")
+    return slots
+
+
+def categorical_window(categorical: torch.Tensor | None, a0: int, a1: int) -> torch.Tensor | None:
+    """``categorical`` over chunk slots ``[a0, a1)`` (None: every slot ordinal)."""
+    return None if categorical is None else categorical[a0:a1]
 
 
 def make_generator(seed: int | None, device) -> torch.Generator | None:

@@ -16,18 +16,22 @@ import torch
 from ..backbone import DVLAModel
 from ..config import DecodeConfig
 from ..masks import BIDIRECTIONAL
-from .common import DecodeResult, DecodeStats, WindowForward, categorical_window, confidences, make_generator
+from .common import (DecodeResult, DecodeStats, WindowForward, categorical_window, check_categorical, confidences,
+                     make_generator)
 from .unmask import threshold_or_top1_commit
 
 
 def decode_fast_dllm(model: DVLAModel, prefix: torch.Tensor, config: DecodeConfig,
-                     trace: list | None = None, _forward: WindowForward | None = None) -> DecodeResult:
+                     trace: list | None = None, categorical=None) -> DecodeResult:
+    """``categorical``: ``[chunk_len]`` bool, the slots where the mean and majority token rules
+    keep the argmax (see ``decode``)."""
     B, P = prefix.shape[:2]
     L = model.chunk_len
+    categorical = check_categorical(model, categorical, prefix.device)
     bs = config.fast_dllm_block_size or model.block_size
     total = P + L
     cache = model.new_cache(B, total) if config.use_cache else None
-    fwd = _forward or WindowForward(model, prefix, cache)
+    fwd = WindowForward(model, prefix, cache)
     gen = make_generator(config.seed, prefix.device)
     stats = DecodeStats(config.method)
     tokens = torch.full((B, L), model.mask_token_id, dtype=torch.long, device=prefix.device)
@@ -46,7 +50,7 @@ def decode_fast_dllm(model: DVLAModel, prefix: torch.Tensor, config: DecodeConfi
                 logits = fwd(tokens, P + a0, P + a1, BIDIRECTIONAL, use_cache=True, read_len=total)
                 query = a1 - a0
             refresh = False
-            conf, pred = confidences(logits, config, gen, categorical_window(model, a0, a1))
+            conf, pred = confidences(logits, config, gen, categorical_window(categorical, a0, a1))
             commit = threshold_or_top1_commit(conf, ~committed[:, a0:a1], config.tau_conf)
             tokens[:, a0:a1] = torch.where(commit, pred, tokens[:, a0:a1])
             committed[:, a0:a1] |= commit

@@ -1,4 +1,5 @@
-"""Fast-dVLA pipelined decoding of a block-causal student (DESIGN.md s.5).
+"""Fast-dVLA pipelined decoding of a block-causal student
+(docs/design.md#pipelined-decoding).
 
 Blocks move through absent -> semi-activated -> fully-activated -> complete
 -> cached. Each step adds at most one block, activates blocks, runs one
@@ -10,8 +11,9 @@ Block diffusion is this engine with ``tau_add = tau_act = 1``: a block is
 added only when its predecessor is complete, so one block is in flight at a
 time and it is always fully activated.
 
-Worst case: the earliest incomplete block is always fully activated (its
-predecessor is complete), so it commits ``max(1, floor(R/n))`` per step and
+Worst case (docs/design.md#nfe-bound): the earliest incomplete block is
+always fully activated (its predecessor is complete), so it commits
+``max(1, floor(R/n))`` per step and
 ``NFE <= num_blocks * fallback_steps_per_block(block_size, n)``; at best
 ``NFE = num_blocks`` (one block is added per step).
 """
@@ -21,8 +23,9 @@ import torch
 
 from ..backbone import DVLAModel
 from ..config import DecodeConfig
-from ..masks import BLOCK_CAUSAL
-from .common import DecodeResult, DecodeStats, WindowForward, categorical_window, confidences, make_generator
+from ..masks import BIDIRECTIONAL, BLOCK_CAUSAL
+from .common import (DecodeResult, DecodeStats, WindowForward, categorical_window, check_categorical, confidences,
+                     make_generator)
 from .unmask import block_threshold_commit
 
 
@@ -32,28 +35,43 @@ def leading_complete_blocks(complete: torch.Tensor) -> torch.Tensor:
     return complete.long().cumprod(dim=1).sum(dim=1).min()
 
 
-def cacheable_blocks(complete_before: torch.Tensor, complete_after: torch.Tensor) -> torch.Tensor:
-    """Blocks whose keys/values in the forward just run are final: those that
-    were complete *before* it. A block completed by this step's commit still
-    had [MASK]s in that forward; it is cached after the next one."""
+def complete_blocks(committed: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``[B, L]`` committed flags -> ``[B, N]``: blocks whose every position is committed."""
+    return committed.view(committed.shape[0], -1, block_size).all(-1)
+
+
+def cacheable_blocks(complete_before: torch.Tensor) -> torch.Tensor:
+    """Blocks whose keys/values in the forward just run are final: the leading
+    ones that were complete *before* it (``complete_before``, ``[B, N]``), in
+    the tokens it saw. A block completed by this step's commit still had
+    [MASK]s in that forward; it is cached after the next one."""
     return leading_complete_blocks(complete_before)
 
 
 def decode_pipelined(model: DVLAModel, prefix: torch.Tensor, config: DecodeConfig,
-                     trace: list | None = None, _forward: WindowForward | None = None) -> DecodeResult:
+                     trace: list | None = None, categorical=None, attention: str = BLOCK_CAUSAL) -> DecodeResult:
+    """``categorical``: ``[chunk_len]`` bool, the slots where the mean and majority token rules
+    keep the argmax (see ``decode``).
+
+    ``attention``: the mask the model attends with. ``BLOCK_CAUSAL`` (the
+    student's, the default) or ``BIDIRECTIONAL``: a bidirectional teacher
+    decoded in this order (one block after another for ``block_diffusion``),
+    uncached only, since no cache is exact for a bidirectional model."""
+    if attention not in (BLOCK_CAUSAL, BIDIRECTIONAL):
+        raise ValueError(f"attention must be {BLOCK_CAUSAL!r} or {BIDIRECTIONAL!r}, got {attention!r}")
+    if attention == BIDIRECTIONAL and config.use_cache:
+        raise ValueError("bidirectional attention has no exact cache: decode it with use_cache=False")
     B, P = prefix.shape[:2]
     L, k = model.chunk_len, model.block_size
     N = L // k
     dev = prefix.device
+    categorical = check_categorical(model, categorical, dev)
     tau_add, tau_act = config.tau_add, config.tau_act
     if config.method == "block_diffusion":
         tau_add = tau_act = 1.0
 
-    if _forward is not None:
-        fwd, cache = _forward, _forward.cache
-    else:
-        cache = model.new_cache(B, P + L) if config.use_cache else None
-        fwd = WindowForward(model, prefix, cache)
+    cache = model.new_cache(B, P + L) if config.use_cache else None
+    fwd = WindowForward(model, prefix, cache)
     gen = make_generator(config.seed, dev)
     stats = DecodeStats(config.method)
 
@@ -75,19 +93,19 @@ def decode_pipelined(model: DVLAModel, prefix: torch.Tensor, config: DecodeConfi
         # 2. activate
         prev_frac = torch.cat([ones, frac[:, :-1]], dim=1)
         fully_active |= added & (prev_frac >= tau_act)
-        complete_before = committed.view(B, N, k).all(-1)
+        complete_before = complete_blocks(committed, k)
 
         # 3. forward over every block not yet cached
         first = max(final_len - P, 0) // k
         last_block = int(n_added.max())
         a0, a1 = first * k, last_block * k
         if config.use_cache:
-            logits = fwd(tokens, final_len, P + a1, BLOCK_CAUSAL, use_cache=True)
+            logits = fwd(tokens, final_len, P + a1, attention, use_cache=True)
             query = P + a1 - final_len
         else:
-            logits = fwd(tokens, 0, P + L, BLOCK_CAUSAL, use_cache=False)[:, a0:a1]
+            logits = fwd(tokens, 0, P + L, attention, use_cache=False)[:, a0:a1]
             query = P + L
-        conf, pred = confidences(logits, config, gen, categorical_window(model, a0, a1))
+        conf, pred = confidences(logits, config, gen, categorical_window(categorical, a0, a1))
 
         # 4. commit
         nb = last_block - first
@@ -100,8 +118,7 @@ def decode_pipelined(model: DVLAModel, prefix: torch.Tensor, config: DecodeConfi
         stats.record(query, commit.sum(-1))
 
         # 5. cache: blocks complete before this forward got their final keys/values in it
-        complete_after = committed.view(B, N, k).all(-1)
-        final_len = P + int(cacheable_blocks(complete_before, complete_after)) * k
+        final_len = P + int(cacheable_blocks(complete_before)) * k
         if cache is not None:
             cache.commit(final_len)
         if trace is not None:

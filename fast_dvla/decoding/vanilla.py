@@ -8,8 +8,8 @@ sequence (no cache is exact for a bidirectional model).
 prefix never sees action tokens and a complete block's keys/values never
 change, so each forward reads the prefix and the leading complete blocks
 from the exact cache and recomputes only the rest of the chunk. The commits
-are the teacher's rule; at fewer ``vanilla_steps`` than the teacher's 12 it
-is as fast as ``fast_dvla`` (the shipped LIBERO student uses 5).
+are the teacher's rule; a decode costs ``vanilla_steps`` forwards, each over
+the incomplete blocks only.
 """
 from __future__ import annotations
 
@@ -18,21 +18,22 @@ import torch
 from ..backbone import DVLAModel
 from ..config import DecodeConfig
 from ..masks import BIDIRECTIONAL, BLOCK_CAUSAL
-from .common import DecodeResult, DecodeStats, WindowForward, categorical_window, confidences, make_generator
-from .pipelined import leading_complete_blocks
+from .common import (DecodeResult, DecodeStats, WindowForward, categorical_window, check_categorical, confidences,
+                     make_generator)
+from .pipelined import complete_blocks, leading_complete_blocks
 from .unmask import masked_after_step, topk_commit
 
 
 def decode_vanilla(model: DVLAModel, prefix: torch.Tensor, config: DecodeConfig,
-                   trace: list | None = None, _forward: WindowForward | None = None) -> DecodeResult:
+                   trace: list | None = None, categorical=None) -> DecodeResult:
+    """``categorical``: ``[chunk_len]`` bool, the slots where the mean and majority token rules
+    keep the argmax (see ``decode``)."""
     B, P = prefix.shape[:2]
     L, k = model.chunk_len, model.block_size
+    categorical = check_categorical(model, categorical, prefix.device)
     student = config.method == "vanilla_cached"
     cached = student and config.use_cache
-    if _forward is not None:
-        fwd = _forward
-    else:
-        fwd = WindowForward(model, prefix, model.new_cache(B, P + L) if cached else None)
+    fwd = WindowForward(model, prefix, model.new_cache(B, P + L) if cached else None)
     gen = make_generator(config.seed, prefix.device)
     stats = DecodeStats(config.method)
     tokens = torch.full((B, L), model.mask_token_id, dtype=torch.long, device=prefix.device)
@@ -47,12 +48,12 @@ def decode_vanilla(model: DVLAModel, prefix: torch.Tensor, config: DecodeConfig,
         else:
             logits = fwd(tokens, 0, P + L, BLOCK_CAUSAL if student else BIDIRECTIONAL, use_cache=False)
         a0 = L - logits.shape[1]  # positions before the window are committed and cached
-        conf, pred = confidences(logits, config, gen, categorical_window(model, a0, L))
+        conf, pred = confidences(logits, config, gen, categorical_window(categorical, a0, L))
         # at least one token per forward, so no forward is wasted
         target = masked_after_step(L, config.vanilla_steps, step, config.schedule)
         count = max(1, masked - target)
         # only the cached decode needs it: vanilla's loop is the baseline every speedup is timed against
-        complete_before = committed.view(B, -1, k).all(-1) if cached else None
+        complete_before = complete_blocks(committed, k) if cached else None
         commit = topk_commit(conf, ~committed[:, a0:], count)
         tokens[:, a0:] = torch.where(commit, pred, tokens[:, a0:])
         committed[:, a0:] |= commit

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backbone import DVLAModel
-from ..masks import BIDIRECTIONAL, BLOCK_CAUSAL, dense_mask
+from ..masks import BIDIRECTIONAL, BLOCK_CAUSAL, AttentionLayout
 
 
 def forward_full(model: DVLAModel, prefix: torch.Tensor, tokens: torch.Tensor, kind: str) -> torch.Tensor:
@@ -16,8 +16,8 @@ def forward_full(model: DVLAModel, prefix: torch.Tensor, tokens: torch.Tensor, k
     slots = torch.arange(L, device=tokens.device)
     embeds = torch.cat([prefix, model.embed_actions(tokens, slots)], dim=1)
     positions = torch.arange(P + L, device=tokens.device)
-    mask = dense_mask(P, model.block_size, 0, P + L, P + L, kind, device=tokens.device)
-    hidden = model.backbone_forward(embeds, positions, mask, None)
+    layout = AttentionLayout.full(P, model.block_size, P + L, kind)
+    hidden = model.backbone_forward(embeds, positions, layout, None)
     return model.action_logits(hidden[:, P:])
 
 
