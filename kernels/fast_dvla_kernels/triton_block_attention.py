@@ -247,7 +247,7 @@ def triton_block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     check_inputs(q, k, v, cache_lens, block_size, check_lengths)
     if q.device.type != "cuda" and not INTERPRET:
         raise RuntimeError("the Triton kernel needs CUDA tensors, or TRITON_INTERPRET=1 set before "
-                           "fast_dvla.kernels.triton_block_attention is imported (the interpreter: slow, for tests)")
+                           "fast_dvla_kernels.triton_block_attention is imported (the interpreter: slow, for tests)")
     if out is None:
         out = torch.empty_like(q)
     elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
