@@ -8,13 +8,16 @@ import sys
 
 # name -> (module with add_arguments(parser) and main(args), one-line help)
 SUBCOMMANDS = {
-    "micro-bench": ("fast_dvla.eval.micro_bench", "time every decoder on the same model and inputs"),
-    "train-teacher": ("fast_dvla.training.commands:TeacherCommand", "masked-diffusion training of the teacher"),
-    "distill": ("fast_dvla.training.commands:DistillCommand", "distil the teacher into a block-causal student"),
-    "bench": ("fast_dvla.eval.bench_libero", "closed-loop benchmark of every decoder (bench libero)"),
-    "fidelity": ("fast_dvla.eval.fidelity", "open-loop fidelity of a policy on recorded demonstrations"),
-    "export": ("fast_dvla.export", "copy a policy directory, weights in half precision"),
-    "convergence": ("fast_dvla.eval.convergence", "student convergence: distillation vs block diffusion vs scratch"),
+    "train-teacher": ("fast_dvla.commands.train:TeacherCommand", "masked-diffusion training of the teacher"),
+    "distill": ("fast_dvla.commands.train:DistillCommand", "distil the teacher into a block-causal student"),
+    "export": ("fast_dvla.commands.export", "copy a policy directory, weights in half precision, decoding settings"),
+    "record": ("fast_dvla.commands.record", "record scripted-expert demonstrations (record libero)"),
+    "bench": ("fast_dvla_eval.bench_libero", "closed-loop benchmark of every decoder (bench libero)"),
+    "micro-bench": ("fast_dvla_eval.micro_bench", "time every decoder on the same model and inputs"),
+    "fidelity": ("fast_dvla_eval.fidelity", "open-loop fidelity of a policy on recorded demonstrations"),
+    "bench-kernels": ("fast_dvla_eval.bench_kernels", "time the attention backends on one GPU"),
+    "decode-order": ("fast_dvla_eval.decode_order", "closed loop: the teacher decoded all at once vs left to right"),
+    "convergence": ("fast_dvla_eval.convergence", "student convergence: distillation vs block diffusion vs scratch"),
 }
 
 

@@ -51,9 +51,11 @@ class DecodeConfig:
     tau_conf: confidence threshold for committing a token.
     tau_add: decoded fraction of the last block at which a new block is added.
     tau_act: decoded fraction of a block's predecessor at which it becomes
-        fully activated (and so must commit at least 1/n of its rest per step).
-    fallback_n: the ``n`` of that 1/n rule.
-    vanilla_steps: forward passes of vanilla decoding (both kinds).
+        fully activated (and so must commit at least ``max(1, floor(R / n))``
+        of its ``R`` masked tokens per step).
+    fallback_n: the ``n`` of that rule.
+    vanilla_steps: forward passes of vanilla decoding (both kinds), at most
+        one per action token (``min(vanilla_steps, chunk_len)``).
     schedule: how many tokens vanilla decoding commits per step.
     fast_dllm_block_size: block length for the Fast-dLLM baseline (default:
         the model's block size).
@@ -62,11 +64,12 @@ class DecodeConfig:
     token_rule: which token a greedy commit writes. ``argmax``: the most
         probable bin. ``mean``: the bin nearest the expected bin, at slots
         whose bins are ordered values (every action dimension but a
-        gripper's, see ``DVLAModel``); the confidence is still the argmax's
-        probability. An action clipped at its limit piles its mass on the
-        end bin, so the argmax picks the limit while most of the mass says
-        "slowing down"; committed early, it drags the rest of the chunk
-        with it (ours; README, *The shipped reference model*). ``majority``:
+        gripper's: the policy passes its tokenizer's categorical slots); the
+        confidence is still the argmax's probability. An action clipped at
+        its limit piles its mass on the end bin, so the argmax picks the
+        limit while most of the mass says "slowing down"; committed early,
+        it drags the rest of the chunk with it (ours;
+        docs/design.md#token-rules). ``majority``:
         the argmax where it holds at least half the mass, else the mean's
         bin: a clipped action's end bin rarely holds half, while the
         expert's other spikes (its approach floor) do, and the mean smears

@@ -50,8 +50,6 @@ class FastDVLAPolicy:
         if not 1 <= self.n_action_steps <= cfg.horizon:
             raise ValueError(f"n_action_steps must be in [1, {cfg.horizon}], got {self.n_action_steps}")
         self.processor = ObservationProcessor(cfg, self.state_norm)
-        # where the mean rules keep the argmax (see DVLAModel)
-        self.model.categorical_slots = torch.as_tensor(action_tokenizer.categorical_slots(cfg.horizon))
         self.last_stats: DecodeStats | None = None
         self._queue: deque = deque()
 
@@ -76,13 +74,37 @@ class FastDVLAPolicy:
         saved settings (``method_settings``) on top."""
         return self.decode_config.for_method(method, self.method_settings)
 
+    def configure_decoding(self, changes: dict, method: str | None = None, for_method: str | None = None) -> None:
+        """Changes how this policy decodes (saved by ``save_pretrained``). ``method`` makes that decoder
+        the default, taking in the settings saved for it; ``changes`` (``{"tau_conf": 0.3}``) then go to
+        ``for_method``'s own settings, or to the default's. Raises ``ValueError`` on a bad setting,
+        leaving the policy as it was."""
+        decode_config, method_settings = self.decode_config, {m: dict(v) for m, v in self.method_settings.items()}
+        if method and method != decode_config.method:
+            decode_config = decode_config.replace(method=method, **method_settings.pop(method, {}))
+        target = for_method or decode_config.method
+        if target == decode_config.method:
+            decode_config = decode_config.replace(**changes)
+        else:
+            method_settings[target] = {**method_settings.get(target, {}), **changes}
+        self.method_settings = check_method_settings(method_settings, decode_config)
+        self.decode_config = decode_config
+
     def decode_prefix(self, prefix: torch.Tensor, config: DecodeConfig):
         """One chunk of tokens from the prefix embeddings (a subclass may decode otherwise)."""
-        return decode(self.model, prefix, config)
+        return decode(self.model, prefix, config,
+                      categorical=self.action_tokenizer.categorical_slots(self.model.config.horizon))
 
-    def select_action(self, obs: dict) -> np.ndarray:
+    @property
+    def needs_chunk(self) -> bool:
+        """Whether the next ``select_action`` decodes a new chunk (its queue is empty)."""
+        return not self._queue
+
+    def select_action(self, obs: dict, decode_config: DecodeConfig | None = None) -> np.ndarray:
+        """The next queued action; when the queue is empty, first decodes a chunk from ``obs``
+        (with ``decode_config``, or the policy's own) and queues its first ``n_action_steps``."""
         if not self._queue:
-            chunk = self.predict_action_chunk(obs)
+            chunk = self.predict_action_chunk(obs, decode_config)
             steps = chunk[: self.n_action_steps] if chunk.ndim == 2 else chunk[:, : self.n_action_steps].swapaxes(0, 1)
             self._queue.extend(steps)
         return self._queue.popleft()
@@ -131,3 +153,13 @@ class FastDVLAPolicy:
         method_settings = {m: v for m, v in config.get("method_settings", {}).items() if m != decode_config.method}
         return cls(model.to(device), ActionTokenizer.load(os.path.join(path, ACTION_STATS_FILE)), state_norm,
                    decode_config, n_action_steps or config.get("n_action_steps"), method_settings)
+
+
+def reference_policy_dir(role: str, suite: str = "libero_object") -> str:
+    """The directory of the shipped reference ``role`` (``teacher`` or ``student``) for ``suite``."""
+    if role not in ("teacher", "student"):
+        raise ValueError(f"role must be 'teacher' or 'student', got {role!r}")
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "reference", suite, role)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no shipped reference {role} for {suite!r} (looked in {path})")
+    return path

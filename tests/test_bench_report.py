@@ -4,7 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from fast_dvla.eval.bench_libero import merge, report, sharded_jobs, table_rows
+from fast_dvla.envs.rollout import libero_jobs
+from fast_dvla_eval.bench_libero import merge, report, table_rows
 
 
 def shard(idx, successes, with_speed):
@@ -48,7 +49,7 @@ def tiny_policy(**kwargs):
 
 def test_each_decoder_runs_with_its_policys_saved_settings_unless_overridden():
     from fast_dvla import DecodeConfig
-    from fast_dvla.eval.throughput import policy_configs
+    from fast_dvla.benchmark.throughput import policy_configs
 
     teacher = tiny_policy(decode_config=DecodeConfig(method="vanilla", tau_conf=0.5, vanilla_steps=10))
     student = tiny_policy(decode_config=DecodeConfig(method="fast_dvla", tau_conf=0.2, tau_act=0.6))
@@ -73,10 +74,10 @@ def test_both_benchmarks_take_the_same_override_flags(module):
     import importlib
 
     from fast_dvla import DecodeConfig
-    from fast_dvla.eval.throughput import overrides_from, policy_configs
+    from fast_dvla.benchmark.throughput import overrides_from, policy_configs
 
     parser = argparse.ArgumentParser()
-    importlib.import_module(f"fast_dvla.eval.{module}").add_arguments(parser)
+    importlib.import_module(f"fast_dvla_eval.{module}").add_arguments(parser)
     extra = ["libero"] if module == "bench_libero" else []
     unset = overrides_from(parser.parse_args(extra))
     assert set(unset.values()) == {None}  # nothing forced: each policy's own settings
@@ -88,7 +89,7 @@ def test_both_benchmarks_take_the_same_override_flags(module):
     assert config.tau_act == 0.6
 
 
-@pytest.mark.parametrize("module", ["fast_dvla.eval.bench_libero", "fast_dvla.eval.micro_bench", "fast_dvla.export"])
+@pytest.mark.parametrize("module", ["fast_dvla_eval.bench_libero", "fast_dvla_eval.micro_bench", "fast_dvla.commands.export"])
 def test_every_command_taking_decoding_settings_takes_all_of_them(module):
     import argparse
     import importlib
@@ -111,16 +112,16 @@ def test_report_names_the_settings_each_decoder_ran_with(tmp_path):
 
 
 def test_shards_split_the_task_and_initial_state_pairs():
-    shards = [sharded_jobs("libero_object", "0-1", "15-17", f"{i}/2") for i in range(2)]
+    shards = [libero_jobs("libero_object", "0-1", "15-17", f"{i}/2") for i in range(2)]
     assert shards[0] == [(0, 15), (0, 17), (1, 16)] and shards[1] == [(0, 16), (1, 15), (1, 17)]
     for bad in ("2/2", "1", "a/b", "-1/2"):
         with pytest.raises(SystemExit, match="--shard"):
-            sharded_jobs("libero_object", "0-1", "15-17", bad)
+            libero_jobs("libero_object", "0-1", "15-17", bad)
 
 
 def test_action_hz_counts_the_steps_each_policy_executes_per_chunk():
     from fast_dvla import DecodeConfig
-    from fast_dvla.eval.throughput import measure
+    from fast_dvla.benchmark.throughput import measure
 
     teacher, student = tiny_policy(), tiny_policy(n_action_steps=2)
     cfg = teacher.model.config

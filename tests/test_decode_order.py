@@ -1,10 +1,12 @@
 """The teacher decoded left to right (eval/decode_order.py): block order, bidirectional attention."""
 import numpy as np
+import pytest
 import torch
 
 from fast_dvla import DecodeConfig
 from fast_dvla.decoding.common import WindowForward
-from fast_dvla.eval.decode_order import LeftToRightPolicy, decode_left_to_right
+from fast_dvla.decoding.pipelined import decode_pipelined
+from fast_dvla_eval.decode_order import LeftToRightPolicy, decode_left_to_right
 from fast_dvla.masks import BIDIRECTIONAL, BLOCK_CAUSAL
 from helpers import random_prefix, tiny_model
 from test_policy import make_policy, obs
@@ -40,3 +42,17 @@ def test_left_to_right_policy_returns_a_chunk():
     chunk = policy.predict_action_chunk(obs())
     assert chunk.shape == (4, 7) and np.isfinite(chunk).all()
     assert policy.last_stats.nfe >= base.model.num_blocks
+
+
+def test_the_attention_a_decoder_may_be_given_is_validated():
+    """The pipelined order takes the student's or the teacher's mask, and the teacher's only
+    uncached: no cache is exact for a bidirectional model."""
+    model = tiny_model(1, sharpness=4.0)
+    prefix = random_prefix(model, 1, seed=3)
+    for bad in ("token_causal", "causal"):
+        with pytest.raises(ValueError, match="attention"):
+            decode_pipelined(model, prefix, DecodeConfig(use_cache=False), attention=bad)
+    with pytest.raises(ValueError, match="use_cache=False"):
+        decode_pipelined(model, prefix, DecodeConfig(), attention=BIDIRECTIONAL)
+    student = decode_pipelined(model, prefix, DecodeConfig(tau_conf=0.9), attention=BLOCK_CAUSAL)
+    assert torch.equal(student.tokens, decode_pipelined(model, prefix, DecodeConfig(tau_conf=0.9)).tokens)

@@ -96,14 +96,14 @@ def test_suite_helpers():
 
 def test_policy_rollout_on_the_real_env(env):
     from fast_dvla import ActionTokenizer, DecodeConfig, FastDVLAPolicy, ModelConfig, ReferenceDVLA
-    from fast_dvla.eval.bench_libero import run_episode
+    from fast_dvla.envs.rollout import run_episode
     import torch
 
     torch.manual_seed(0)
     model = ReferenceDVLA(ModelConfig(image_size=32, hidden_size=64, num_layers=2, intermediate_size=128))
     tok = ActionTokenizer(-np.ones(7), np.ones(7), gripper_dims=(6,))
     policy = FastDVLAPolicy(model, tok, n_action_steps=4)
-    result = run_episode(env, policy, DecodeConfig(method="fast_dvla"), 2, keep_obs=[], max_steps=10)
+    result = run_episode(env, policy, DecodeConfig(method="fast_dvla"), 2, max_steps=10, keep_obs=[])
     assert result["steps"] == 10 and not result["success"]
     assert len(result["chunk_latency_s"]) == 3 and all(n >= 8 for n in result["nfe"])  # ceil(10 / 4) chunks
 
@@ -144,8 +144,8 @@ def _recorded_run(env, action_noise, max_steps=25, written=None, **pushes):
     """(labels, executed actions) of one recorder attempt on ``env`` (task 1, init 0); ``written``:
     a dict that receives the episode the recorder writes (``env`` renders nothing, so no images)."""
     from fast_dvla.envs.libero_expert import LiberoObjectExpert
-    from fast_dvla.eval import record_libero_demos
-    from fast_dvla.eval.record_libero_demos import Recorder
+    from fast_dvla.envs import libero_recorder as record_libero_demos
+    from fast_dvla.envs.libero_recorder import Recorder
 
     recorder = Recorder("libero_object", "unused", 32, cameras=(), max_steps=max_steps, action_noise=action_noise,
                         **pushes)
@@ -184,7 +184,7 @@ def test_recorder_action_noise_perturbs_execution_not_labels(blind_env):
 def test_recovery_pushes_offset_the_approach_and_keep_clean_labels(blind_env):
     """A push executes the expert's command plus one constant horizontal offset for at most
     PUSH_STEPS steps of the approach; the stored labels stay the expert's own."""
-    from fast_dvla.eval.record_libero_demos import PUSH_STEPS
+    from fast_dvla.envs.libero_recorder import PUSH_STEPS
 
     episode = {}
     labels, executed = _recorded_run(blind_env, 0.0, max_steps=40, written=episode, push_prob=0.2, push_size=0.5)
@@ -282,7 +282,7 @@ def test_expert_approaches_waypoints_without_creeping(blind_env):
 
 def test_recorder_writes_a_resumable_dataset(tmp_path):
     from fast_dvla.data import list_episodes, read_dataset_info, read_episode
-    from fast_dvla.eval.record_libero_demos import main
+    main = record_command
 
     out = str(tmp_path / "demos")
     args = ["--tasks", "6", "--init-states", "0", "--out", out, "--image-size", "32", "--cameras", "agentview"]
@@ -315,7 +315,7 @@ def test_recorder_writes_a_resumable_dataset(tmp_path):
 
 def test_recorder_counts_failures(tmp_path):
     """An expert that cannot finish in the horizon is a failure in the report, not a silent drop."""
-    from fast_dvla.eval.record_libero_demos import main
+    main = record_command
 
     out = str(tmp_path / "check")
     report = main(["--tasks", "1", "--per-task", "1", "--no-render", "--max-steps", "30", "--out", out])
@@ -329,7 +329,7 @@ def test_relabelling_lets_the_policy_drive_and_stores_the_experts_labels(env, tm
     from fast_dvla import ActionTokenizer, FastDVLAPolicy, ModelConfig, ReferenceDVLA
     from fast_dvla.data import read_episode
     from fast_dvla.envs.libero_expert import LiberoObjectExpert
-    from fast_dvla.eval.record_libero_demos import Recorder
+    from fast_dvla.envs.libero_recorder import Recorder
     import torch
 
     torch.manual_seed(0)
@@ -359,3 +359,14 @@ def test_relabelling_lets_the_policy_drive_and_stores_the_experts_labels(env, tm
     _, expert_episode, expert_executed = run(1.0)
     assert np.allclose(expert_executed, expert_episode["action"])  # the expert drove every chunk
     assert np.allclose(expert_episode["action"][0], episode["action"][0])  # same first state, same label
+
+
+def record_command(argv: list[str]) -> dict:
+    """``fast-dvla record libero ARGV``, returning the recording's report."""
+    import argparse
+
+    from fast_dvla.commands import record
+
+    parser = argparse.ArgumentParser()
+    record.add_arguments(parser)
+    return record.main(parser.parse_args(["libero", *argv]))

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from fast_dvla.eval import micro_bench
+from fast_dvla_eval import micro_bench
 
 
 def test_micro_bench_reports_every_decoder(tmp_path):

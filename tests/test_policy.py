@@ -39,7 +39,7 @@ def test_select_action_serves_a_queue():
     chunk = policy.predict_action_chunk(o)
     calls = []
     original = policy.predict_action_chunk
-    policy.predict_action_chunk = lambda ob: calls.append(1) or original(ob)
+    policy.predict_action_chunk = lambda ob, config=None: calls.append(1) or original(ob, config)
     actions = [policy.select_action(o) for _ in range(4)]
     assert len(calls) == 2  # refilled after n_action_steps
     assert np.allclose(actions[:3], chunk[:3])

@@ -114,11 +114,14 @@ def test_teacher_learns_the_synthetic_task(teacher):
 
 
 def test_fidelity_scores_the_trained_teacher_above_an_untrained_one(teacher, synthetic):
-    from fast_dvla.eval import fidelity
+    from fast_dvla.benchmark import fidelity
+    from fast_dvla.data.frames import sample_frames
+    from fast_dvla.training.trainer import load_policy
+    from fast_dvla_eval.fidelity import to_markdown
     trainer, path = teacher
-    exported = fidelity.load_policy(path)
-    from_run = fidelity.load_policy(trainer.config.out)  # the run directory: its checkpoint, exported in memory
-    frames = fidelity.sample_frames(synthetic, 30, exported.model.config.horizon, seed=0)
+    exported = load_policy(path)
+    from_run = load_policy(trainer.config.out)  # the run directory: its checkpoint, exported in memory
+    frames = sample_frames(synthetic, 30, exported.model.config.horizon, seed=0)
     assert len(frames) == 30 and frames[0][1].shape == (4, 7)
     trained = fidelity.measure(exported, frames, "vanilla", progress=False)
     assert fidelity.measure(from_run, frames, "vanilla", progress=False) == trained
@@ -126,15 +129,15 @@ def test_fidelity_scores_the_trained_teacher_above_an_untrained_one(teacher, syn
                                     model=dict(TINY), steps=1), progress=False).policy()
     baseline = fidelity.measure(untrained, frames, "vanilla", progress=False)
     assert trained["token_accuracy"] > 0.4 > baseline["token_accuracy"] + 0.2, (trained, baseline)
-    assert "| vanilla | 0.5 | 30 | 12.00 |" in fidelity.to_markdown({"policy": path, "data": synthetic, "frames": 30, "seed": 0,
-                                                       "rows": [trained]})
+    assert "| vanilla | 0.5 | 30 | 12.00 |" in to_markdown({"policy": path, "data": synthetic, "frames": 30, "seed": 0,
+                                                          "rows": [trained]})
 
 
 def test_fidelity_sweeps_the_confidence_threshold(teacher, synthetic, tmp_path):
     import argparse
     import json
 
-    from fast_dvla.eval import fidelity
+    from fast_dvla_eval import fidelity
     _, path = teacher
     p = argparse.ArgumentParser()
     fidelity.add_arguments(p)
@@ -274,7 +277,7 @@ def test_convergence_command_writes_its_table(tmp_path):
     import argparse
     import json
 
-    from fast_dvla.eval import convergence
+    from fast_dvla_eval import convergence
 
     parser = argparse.ArgumentParser()
     convergence.add_arguments(parser)

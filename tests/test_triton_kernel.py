@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fast_dvla.kernels import triton_block_causal_attention
-from fast_dvla.kernels import triton_block_attention as tba
+from fast_dvla_kernels import triton_block_causal_attention
+from fast_dvla_kernels import triton_block_attention as tba
 from fast_dvla.masks import dense_mask
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -206,9 +206,9 @@ AOT_COMPILE = """
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import fast_dvla.kernels as k
+import fast_dvla_kernels as k
 k.flash_block_causal_attention, k.merge_partials  # the flash module imports without flash_attn
-from fast_dvla.kernels import triton_block_attention as tba
+from fast_dvla_kernels import triton_block_attention as tba
 fn = tba._block_causal_fwd
 names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 for arch, dtype, head_dim, n_rows in ((90, torch.bfloat16, 128, 112), (80, torch.float32, 64, 4096)):
@@ -242,12 +242,12 @@ def test_kernel_benchmark_smoke(tmp_path):
     --allow-cpu, which times sdpa and flex at a tiny shape and writes both files."""
     if torch.cuda.is_available():
         pytest.skip("the smoke mode is the CPU path")
-    from fast_dvla.eval import bench_kernels
+    from fast_dvla.cli import main as cli
 
     with pytest.raises(SystemExit) as exit_info:
-        bench_kernels.main(["--out", str(tmp_path / "never")])
+        cli(["bench-kernels", "--out", str(tmp_path / "never")])
     assert exit_info.value.code == 2 and not (tmp_path / "never.json").exists()
-    bench_kernels.main(["--allow-cpu", "--iters", "2", "--warmup", "1", "--quiet", "--out", str(tmp_path / "k")])
+    cli(["bench-kernels", "--allow-cpu", "--iters", "2", "--warmup", "1", "--quiet", "--out", str(tmp_path / "k")])
     result = json.loads((tmp_path / "k.json").read_text())
     assert result["device"] == "cpu" and result["torch"] == torch.__version__ and result["date"]
     assert [r["impl"] for r in result["rows"]] == ["sdpa", "flex"]

@@ -13,7 +13,7 @@ The policy observation (the contract with every policy, exactly these keys)::
 
 Raw LIBERO images are upside down; ``np.flipud`` gives the true view (a
 180-degree rotation would mirror it). With ``render=False`` no camera is
-rendered and ``images`` is empty (for scripted experts: ~7x faster). The
+rendered and ``images`` is empty (for scripted experts, several times faster). The
 simulator's privileged observation (every object's pose, the joints, ...)
 stays available as ``env.raw_obs`` for scripted experts; it is never part of
 the policy observation.

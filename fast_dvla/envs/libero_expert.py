@@ -52,13 +52,12 @@ FINGERS_STILL = 2e-4     # metres of finger travel in one step that count as sto
 MIN_CLOSE_STEPS = 3      # the fingers take a step to start moving
 OPEN_STEPS = 10
 HOVER_ABOVE = 0.10       # hover this far above the grasp point before descending
-# Tall objects are gripped this far below their top. Deeper (4.5 cm, the finger length) put the
-# target below where the palm meets the cap: every descent ended in a stall, and a stall is
-# only told by its duration, so the demos held 2-6 identical frames labelled "keep descending"
-# before "close". A cloned policy cannot see how long it has stalled, learnt "keep descending"
-# and pressed on the cap forever (held-out tasks 2, 3 and 9: 0/6). At 3.8 cm the descent
-# reaches its waypoint, the close is a function of the observed height, and the expert still
-# completes 40/40 tall-object episodes (3.0-3.4 cm: 36/40; 4.1 cm: stalls again).
+# Tall objects are gripped this far below their top. Deeper (the finger length) puts the target
+# below where the palm meets the cap: every descent ends in a stall, told only by its duration,
+# so the demonstrations hold identical frames labelled "keep descending" before "close", and a
+# cloned policy, which cannot see how long it has stalled, presses on the cap for ever. Here the
+# descent reaches its waypoint and the close follows from the observed height (the depths tried
+# are in docs/reference-model.md).
 TALL_GRIP_BELOW_TOP = 0.038
 RIM_CLEARANCE = 0.06     # object bottom above the basket rim while carrying
 DROP_MARGIN = 0.03       # the object sank this far below the hand while carrying: it slipped out

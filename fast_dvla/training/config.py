@@ -25,7 +25,7 @@ class TrainConfig:
     # distill stage: share of samples whose trailing blocks are all [MASK] (noise.mask_tails; 0 = D2F's scheme)
     masked_tail_prob: float = 0.0
     # distill stage: tokens per block of the student (default: the teacher's, the action dim); a
-    # multiple of the action dim lets a block hold several timesteps decoded jointly (DESIGN.md s.2)
+    # multiple of the action dim lets a block hold several timesteps decoded jointly (docs/design.md#sequence-layout-and-tokens)
     student_block_size: int | None = None
     steps: int = 1000
     batch_size: int = 32

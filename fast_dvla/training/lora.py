@@ -1,6 +1,6 @@
 """The LoRA student: the teacher's own weights plus a low-rank adapter on the
 backbone's linear layers (peft). With the adapter off the same module is the
-teacher, so one copy of the weights serves both (DESIGN.md s.4)."""
+teacher, so one copy of the weights serves both (docs/design.md#training)."""
 from __future__ import annotations
 
 import copy

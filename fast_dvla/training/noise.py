@@ -1,4 +1,4 @@
-"""Which action tokens a training sample hides, and their loss weights (DESIGN.md s.4)."""
+"""Which action tokens a training sample hides, and their loss weights (docs/design.md#training)."""
 from __future__ import annotations
 
 import torch

@@ -1,58 +1,13 @@
-"""Record scripted-expert demonstrations on LIBERO-Object into the episodes format.
+"""Recording scripted-expert demonstrations on LIBERO-Object into the episodes format.
 
-    python -m fast_dvla.eval.record_libero_demos --tasks all --init-states 0-49 \\
-        --out data/libero_object_demos --workers 2
-    python -m fast_dvla.eval.record_libero_demos --tasks all --per-task 10 --no-render \\
-        --out outputs/expert_check            # validate the expert: success only, no images
-
-Every (task, initial state) pair is attempted once. Its outcome is written to
+Every (task, initial state) pair is attempted once; its outcome is written to
 ``attempts/task<TT>_init<III>.json`` and, when the expert succeeded (checked
-after the release), its episode to ``episode_<task * 1000 + init>.npz``; a
-rerun skips every pair with an outcome, so an interrupted run resumes where
-it stopped (the simulator is deterministic: a failure would fail again; only
-an attempt cut short by a simulator error is tried again). Failures stay in
-``report.json`` (per task: attempts, successes, mean/min/max steps, retries;
-the failed pairs listed), never dropped silently; ``report.md`` has the same
-table. ``--workers N`` runs N processes (spawn), each with its own simulator
-(a rendering process holds ~2.4 GB). A directory holds one kind of run:
-rendered (a dataset) or ``--no-render`` (success statistics only).
-
-``--action-noise SIGMA`` (DART-style noise injection): the simulator executes
-the expert's position command plus Gaussian noise of that standard deviation
-(action units; 0.1 is ~1.2 mm per step), while the episode stores the
-expert's clean action. The demonstrations then visit states slightly off the
-expert's path, labelled with how the expert recovers from them: a cloned
-policy whose own small errors compound over an open-loop chunk meets such
-states. The noise is seeded by the (task, init) pair, so a resumed run draws
-the same noise.
-
-``--push-prob P --push-size S`` (recovery pushes): while the expert approaches
-the object (hover and descend), each step starts with probability P a push:
-for up to PUSH_STEPS steps the simulator executes the expert's command plus a
-constant horizontal offset of S action units in a random direction (8 steps
-at 0.4 and 0.6 moved the hand 2.6 and 3.9 cm further than no push, the
-expert steering against it meanwhile). The labels stay the expert's clean commands, so
-the episode shows the way back from centimetres off the approach, which the
-small per-step noise never does: a cloned policy that arrives 3 cm off a tall
-bottle otherwise has no example of correcting it. Seeded by the pair too.
-Each episode stores which steps were pushed (``perturbed``): a chunk's later
-labels answer states that a push the observation does not show has moved, so
-training skips the chunks that overlap one and keeps those after it.
-
-``--policy P --expert-prob BETA`` (DAgger-style relabelling): a trained
-policy (a policy directory or a training run) drives the robot, the expert
-only labels. Each chunk of the policy's ``n_action_steps`` is executed by the
-expert instead with probability BETA (seeded per pair), which keeps episodes
-moving towards later phases; every step stores the expert's action for the
-state the robot is actually in, so the data covers the states a cloned
-policy drifts into and says how to recover from them. Every episode is kept,
-successful or not (its labels are valid either way); it ends at success, when
-the expert gives up, or at the step limit. Train on it together with the
-demonstrations (``data: [demos, relabelled]`` in the training config).
+after the release), its episode to ``episode_<task * 1000 + init>.npz``, so
+an interrupted run resumes where it stopped. The command ``fast-dvla record
+libero`` documents the recording options (noise, pushes, relabelling).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing as mp
 import os
@@ -61,27 +16,13 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from fast_dvla.data import list_episodes, read_dataset_info, write_dataset_info, write_episode
-
-from .report import markdown_table
+from ..benchmark.report import markdown_table
+from ..data import list_episodes, read_dataset_info, write_dataset_info, write_episode
 
 CAMERAS = ("agentview", "wrist")
 PUSH_STEPS = 8                          # steps one recovery push lasts at most
 PUSH_PHASES = ("hover", "descend")      # the approach, where a lateral error decides the grasp
 STATE_DIM, ACTION_DIM, FPS = 8, 7, 20
-
-
-def parse_range(text: str) -> list[int]:
-    """``"0-4,7"`` -> ``[0, 1, 2, 3, 4, 7]``."""
-    out = []
-    for part in text.split(","):
-        part = part.strip()
-        if "-" in part:
-            a, b = part.split("-")
-            out.extend(range(int(a), int(b) + 1))
-        elif part:
-            out.append(int(part))
-    return out
 
 
 def episode_index(task: int, init: int) -> int:
@@ -308,81 +249,33 @@ def _check_out_dir(out: str, cameras: tuple, image_size: int, attempts: list[dic
                              f"{[image_size, image_size]} of {list(cameras)}: pick another --out")
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", default="libero_object")
-    p.add_argument("--tasks", default="all", help="'all' or ids such as 0,3-5")
-    which = p.add_mutually_exclusive_group()
-    which.add_argument("--init-states", default=None, help="initial-state ids per task, e.g. 0-49 (default 0-9)")
-    which.add_argument("--per-task", type=int, default=None, help="the first N initial states of every task")
-    p.add_argument("--out", required=True)
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--cameras", default=",".join(CAMERAS), help="comma-separated, some of agentview,wrist")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--max-steps", type=int, default=None, help="steps per episode (default: the suite's "
-                   "evaluation horizon, 280 on libero_object)")
-    p.add_argument("--no-render", action="store_true", help="expert only: no cameras, no episodes, success stats")
-    p.add_argument("--action-noise", type=float, default=0.0, help="std of Gaussian noise added to the executed "
-                   "position command (DART-style; the stored label stays the expert's clean action)")
-    p.add_argument("--policy", default=None, help="DAgger-style relabelling: this policy (a policy directory or a "
-                   "training run) drives, the expert labels every step; every episode is kept")
-    p.add_argument("--expert-prob", type=float, default=0.0, help="with --policy: probability that the expert "
-                   "executes a chunk instead of the policy")
-    p.add_argument("--push-prob", type=float, default=0.0, help="per approach step, probability of starting a "
-                   f"recovery push ({PUSH_STEPS} steps of a constant horizontal offset; labels stay clean)")
-    p.add_argument("--push-size", type=float, default=0.5, help="a push's offset in action units (with --push-prob)")
-    args = p.parse_args(argv)
-    if not (0.0 <= args.expert_prob <= 1.0):
-        raise SystemExit(f"--expert-prob must lie in [0, 1], got {args.expert_prob}")
-    if args.policy and args.no_render:
-        raise SystemExit("--policy needs rendering: the policy sees the cameras")
-    if args.expert_prob and not args.policy:
-        raise SystemExit("--expert-prob applies with --policy (the expert drives alone otherwise)")
-    if not (0.0 <= args.action_noise <= 1.0):
-        raise SystemExit(f"--action-noise must lie in [0, 1] (action units), got {args.action_noise}")
-    if not (0.0 <= args.push_prob <= 1.0) or not (0.0 < args.push_size <= 1.0):
-        raise SystemExit(f"--push-prob must lie in [0, 1] and --push-size in (0, 1] (action units), got "
-                         f"{args.push_prob} and {args.push_size}")
-    if args.push_prob and args.policy:
-        raise SystemExit("--push-prob perturbs the expert's execution; with --policy the policy drives")
-    push = (args.push_prob, args.push_size if args.push_prob else 0.0)
-    if args.suite != "libero_object":
-        raise SystemExit("the scripted expert covers libero_object (pick an object, place it in the basket)")
-    from fast_dvla.envs.libero_env import get_suite
-
-    suite = get_suite(args.suite)
-    tasks = list(range(suite.n_tasks)) if args.tasks == "all" else parse_range(args.tasks)
-    n_init = len(suite.get_task_init_states(0))
-    inits = list(range(args.per_task)) if args.per_task is not None else parse_range(args.init_states or "0-9")
-    bad = [t for t in tasks if not 0 <= t < suite.n_tasks] + [i for i in inits if not 0 <= i < n_init]
-    if bad or not tasks or not inits:
-        raise SystemExit(f"tasks must lie in [0, {suite.n_tasks}) and initial states in [0, {n_init}); "
-                         f"got tasks {tasks}, initial states {inits}")
-    render = not args.no_render
-    cameras = tuple(c for c in args.cameras.split(",") if c) if render else ()
-    unknown = [c for c in cameras if c not in CAMERAS]
-    if unknown or (render and not cameras):
-        raise SystemExit(f"--cameras must be some of {','.join(CAMERAS)}, got {args.cameras!r}")
-    os.makedirs(os.path.join(args.out, "attempts"), exist_ok=True)
-    _check_out_dir(args.out, cameras, args.image_size, load_attempts(args.out), args.action_noise, args.policy,
-                   args.expert_prob, push)
-    info_extra = {"source": f"scripted expert (fast_dvla.envs.libero_expert), {args.suite}",
-                  "action_noise": args.action_noise}
+def record_demos(suite: str, tasks: list[int], inits: list[int], out: str, image_size: int = 64,
+                 cameras: tuple = CAMERAS, workers: int = 1, max_steps: int | None = None, action_noise: float = 0.0,
+                 policy: str | None = None, expert_prob: float = 0.0, push: tuple = (0.0, 0.0)) -> dict:
+    """Attempts every (task, init) pair not yet recorded under ``out`` and returns the report of every
+    attempt there (also written to ``report.json`` and ``report.md``). ``cameras=()``: the expert alone,
+    success statistics only. Refuses (``SystemExit``) to add to a directory recorded otherwise."""
+    render = bool(cameras)
+    os.makedirs(os.path.join(out, "attempts"), exist_ok=True)
+    _check_out_dir(out, cameras, image_size, load_attempts(out), action_noise, policy,
+                   expert_prob, push)
+    info_extra = {"source": f"scripted expert (fast_dvla.envs.libero_expert), {suite}",
+                  "action_noise": action_noise}
     if push[0]:
         info_extra.update(push_prob=push[0], push_size=push[1], push_steps=PUSH_STEPS)
-    if args.policy:
-        info_extra.update(source=f"policy {args.policy} relabelled by the scripted expert, {args.suite}",
-                          expert_prob=args.expert_prob)
+    if policy:
+        info_extra.update(source=f"policy {policy} relabelled by the scripted expert, {suite}",
+                          expert_prob=expert_prob)
     if render:
-        write_dataset_info(args.out, cameras, [args.image_size] * 2, STATE_DIM, ACTION_DIM, fps=FPS,
-                           episodes=len(list_episodes(args.out)), **info_extra)
+        write_dataset_info(out, cameras, [image_size] * 2, STATE_DIM, ACTION_DIM, fps=FPS,
+                           episodes=len(list_episodes(out)), **info_extra)
 
-    pending = [(t, i) for t in tasks for i in inits if not _finished(args.out, t, i)]
+    pending = [(t, i) for t in tasks for i in inits if not _finished(out, t, i)]
     skipped = len(tasks) * len(inits) - len(pending)
     t0, ok, done = time.time(), 0, 0
-    kind = "relabelled policy episodes" if args.policy else "expert episodes"
+    kind = "relabelled policy episodes" if policy else "expert episodes"
     bar = tqdm(total=len(pending), desc=f"{kind} ({skipped} done before)", unit="ep")
-    workers = max(1, min(args.workers, len(pending)))
+    workers = max(1, min(workers, len(pending)))
 
     def tick(result):
         nonlocal ok, done
@@ -392,9 +285,9 @@ def main(argv=None) -> dict:
 
     if workers > 1:
         ctx = mp.get_context("spawn")  # each worker its own simulator and GL context
-        pool = ctx.Pool(workers, initializer=_worker_init, initargs=(args.suite, args.out, args.image_size, cameras,
-                                                                      args.max_steps, args.action_noise,
-                                                                      args.policy, args.expert_prob, *push))
+        pool = ctx.Pool(workers, initializer=_worker_init, initargs=(suite, out, image_size, cameras,
+                                                                      max_steps, action_noise,
+                                                                      policy, expert_prob, *push))
         try:
             for result in pool.imap_unordered(_worker_record, pending):
                 tick(result)
@@ -405,8 +298,8 @@ def main(argv=None) -> dict:
         finally:
             pool.join()
     else:
-        recorder = Recorder(args.suite, args.out, args.image_size, cameras, args.max_steps, args.action_noise,
-                            args.policy, args.expert_prob, *push)
+        recorder = Recorder(suite, out, image_size, cameras, max_steps, action_noise,
+                            policy, expert_prob, *push)
         try:
             for pair in pending:
                 tick(recorder.record(pair))
@@ -414,30 +307,23 @@ def main(argv=None) -> dict:
             recorder.close()
     bar.close()
 
-    report_path = os.path.join(args.out, "report.json")
+    report_path = os.path.join(out, "report.json")
     earlier_wall = 0.0
     if os.path.exists(report_path):  # a resumed run adds to the earlier runs' wall time
         with open(report_path) as f:
             earlier_wall = json.load(f).get("wall_s_total", 0.0)
     wall = time.time() - t0
-    report = summarize(load_attempts(args.out))
-    report.update(suite=args.suite, rendered=render, cameras=list(cameras),
-                  image_size=args.image_size if render else None, workers=workers,
+    report = summarize(load_attempts(out))
+    report.update(suite=suite, rendered=render, cameras=list(cameras),
+                  image_size=image_size if render else None, workers=workers,
                   attempted_this_run=len(pending), skipped_this_run=skipped,
                   wall_s_this_run=round(wall, 1), wall_s_total=round(earlier_wall + wall, 1))
     if render:
-        report["demonstrations"] = len(list_episodes(args.out))
-        write_dataset_info(args.out, cameras, [args.image_size] * 2, STATE_DIM, ACTION_DIM, fps=FPS,
+        report["demonstrations"] = len(list_episodes(out))
+        write_dataset_info(out, cameras, [image_size] * 2, STATE_DIM, ACTION_DIM, fps=FPS,
                            episodes=report["demonstrations"], **info_extra)
     _write_json(report_path, report)
-    table = markdown_table(report["tasks"], TABLE)
-    with open(os.path.join(args.out, "report.md"), "w") as f:
-        f.write(table + "\n")
-    print(table)
-    print(f"{'policy' if args.policy else 'expert'} success {report['successes']}/{report['attempts']}"
-          + (f"; {report['demonstrations']} demonstrations in {args.out}" if render else " (no rendering)"))
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(markdown_table(report["tasks"], TABLE) + "\n")
     return report
 
-
-if __name__ == "__main__":
-    main()

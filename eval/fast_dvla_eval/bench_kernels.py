@@ -2,9 +2,9 @@
 Triton kernel against SDPA (dense boolean mask), FlexAttention (block mask,
 compiled) and flash-attn (when importable).
 
-    python -m fast_dvla.eval.bench_kernels            # default grid -> eval/results/kernels_<gpu>.{json,md}
-    python -m fast_dvla.eval.bench_kernels --prefix 500 --dtype bf16 --out /tmp/k
-    python -m fast_dvla.eval.bench_kernels --allow-cpu   # tiny smoke run of the script (sdpa, flex)
+    fast-dvla bench-kernels            # default grid -> outputs/kernels_<gpu>.{json,md}
+    fast-dvla bench-kernels --prefix 500 --dtype bf16 --out /tmp/k
+    fast-dvla bench-kernels --allow-cpu   # tiny smoke run of the script (sdpa, flex)
 
 Every row of the batch has the same cache length here (cache = the prefix):
 SDPA and FlexAttention take one mask for the batch. Per implementation and
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from fast_dvla.masks import dense_mask, flex_block_mask
 
-from .report import markdown_table, write_json
+from fast_dvla.benchmark.report import markdown_table, write_json
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 GPU_GRID = dict(prefix="300,700", blocks="1,4", block_size="7,32", heads="8:8,32:8", head_dim="64,128",
@@ -131,7 +131,7 @@ def implementations(device: str, wanted: set[str]) -> dict:
         impls["flex"] = flex_fn
 
     if device == "cuda" and "triton" in wanted:
-        from fast_dvla.kernels import triton_block_causal_attention
+        from fast_dvla_kernels import triton_block_causal_attention
 
         def triton_fn(q, k, v, lens, c, bs, P):  # lengths are checked once, below, not per call
             return triton_block_causal_attention(q, k, v, lens, bs, check_lengths=False)
@@ -139,7 +139,7 @@ def implementations(device: str, wanted: set[str]) -> dict:
         impls["triton"] = triton_fn
 
     if device == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        from fast_dvla.kernels import flash_block_causal_attention
+        from fast_dvla_kernels import flash_block_causal_attention
 
         for mode in ("per_block", "split"):
             name = "flash" if mode == "per_block" else "flash_split"
@@ -258,9 +258,8 @@ def render(result: dict) -> str:
     return head + "\n" + table + ("\n\nFailures:" + notes if notes else "") + "\n"
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", help="path stem for .json and .md (default eval/results/kernels_<device>)")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", help="path stem for .json and .md (default outputs/kernels_<device>)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--iters", type=int, default=100)
     p.add_argument("--warmup", type=int, default=10)
@@ -275,18 +274,17 @@ def main(argv=None) -> dict:
     p.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph timing")
     p.add_argument("--allow-cpu", action="store_true", help="without CUDA, run a tiny smoke test (sdpa, flex)")
     p.add_argument("--quiet", action="store_true")
-    args = p.parse_args(argv)
+
+
+def main(args) -> dict:
     result = run(args)
     text = render(result)
     print(text)
     slug = "".join(ch if ch.isalnum() else "_" for ch in result["device"].lower()).strip("_")
-    stem = args.out or os.path.join("eval", "results", f"kernels_{slug}")
+    stem = args.out or os.path.join("outputs", f"kernels_{slug}")
     write_json(stem + ".json", result)
     with open(stem + ".md", "w") as f:
         f.write(text)
     print(f"wrote {stem}.json and {stem}.md")
     return result
 
-
-if __name__ == "__main__":
-    main()

@@ -22,64 +22,12 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
-from tqdm import tqdm
-
-from fast_dvla import FastDVLAPolicy
+from fast_dvla.benchmark.fidelity import decode_config, measure
+from fast_dvla.benchmark.report import markdown_table, write_json
+from fast_dvla.benchmark.throughput import parse_decoders
 from fast_dvla.config import METHODS
-from fast_dvla.data import list_episodes, read_dataset_info, read_episode
-from fast_dvla.training.trainer import load_policy  # noqa: F401  (also this module's API)
-
-from .report import markdown_table, write_json
-from .throughput import parse_decoders
-
-
-def sample_frames(root: str, n: int, horizon: int, seed: int) -> list[tuple[dict, np.ndarray]]:
-    """``n`` (observation, demonstrated chunk) pairs drawn uniformly over every step of every
-    episode; chunks past an episode's end repeat its last action, as in training."""
-    info = read_dataset_info(root)
-    episodes = [read_episode(p, info) for p in list_episodes(root)]
-    if not episodes:
-        raise ValueError(f"{root}: no episodes")
-    index = [(e, t) for e, ep in enumerate(episodes) for t in range(len(ep["action"]))]
-    rng = np.random.default_rng(seed)
-    picks = rng.choice(len(index), size=min(n, len(index)), replace=False)
-    frames = []
-    for i in sorted(picks):
-        e, t = index[i]
-        ep = episodes[e]
-        T = len(ep["action"])
-        obs = {"images": {c: ep["images"][c][t] for c in ep["images"]}, "state": ep["state"][t],
-               "instruction": str(ep["instruction"])}
-        frames.append((obs, ep["action"][np.minimum(np.arange(t, t + horizon), T - 1)]))
-    return frames
-
-
-def decode_config(policy: FastDVLAPolicy, method: str, tau_conf: float | None = None):
-    """The policy's own settings with ``method``, and ``tau_conf`` when given (validated)."""
-    return policy.decode_config_for(method).replace(**({} if tau_conf is None else {"tau_conf": tau_conf}))
-
-
-def measure(policy: FastDVLAPolicy, frames, method: str, progress: bool = True, tau_conf: float | None = None) -> dict:
-    """``tau_conf``: decode with this threshold instead of the policy's own."""
-    tok = policy.action_tokenizer
-    config = decode_config(policy, method, tau_conf)
-    grip = list(tok.gripper_dims)
-    hits, errors, grip_wrong, nfe, query = [], [], [], [], []
-    for obs, demo in tqdm(frames, desc=f"fidelity {method} tau_conf={config.tau_conf}", disable=not progress):
-        pred = policy.predict_action_chunk(obs, config)
-        nfe.append(policy.last_stats.nfe)
-        query.append(policy.last_stats.query_tokens)
-        hits.append(tok.encode(pred) == tok.encode(demo))
-        errors.append(np.abs(pred - demo))
-        grip_wrong.append(np.sign(pred[:, grip]) != np.sign(demo[:, grip]))
-    hits, errors = np.concatenate(hits), np.concatenate(errors)
-    return {"method": method, "tau_conf": config.tau_conf, "frames": len(frames),
-            "nfe": float(np.mean(nfe)), "query_tokens": float(np.mean(query)),
-            "token_accuracy": float(hits.mean()),
-            "token_accuracy_per_dim": hits.mean(0).round(4).tolist(),
-            "mae_per_dim": errors.mean(0).round(4).tolist(), "position_mae": float(errors[:, :3].mean()),
-            "gripper_wrong": float(np.mean(grip_wrong)) if tok.gripper_dims else None}
+from fast_dvla.data.frames import sample_frames
+from fast_dvla.training.trainer import load_policy
 
 
 COLUMNS = [("method", "decoder", "s"), ("tau_conf", "tau_conf", "g"), ("frames", "frames", "d"),

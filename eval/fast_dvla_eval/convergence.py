@@ -24,7 +24,7 @@ from fast_dvla.training.plots import plot_curves
 from fast_dvla.training.synthetic import write_synthetic_dataset
 from fast_dvla.training.trainer import Trainer
 
-from .report import markdown_table, write_json
+from fast_dvla.benchmark.report import markdown_table, write_json
 
 TINY = dict(image_size=16, image_grid=2, instr_len=4, hidden_size=64, num_layers=2, num_heads=4,
             num_kv_heads=2, intermediate_size=128, horizon=4, action_dim=7, block_size=7)
@@ -110,9 +110,3 @@ def main(args) -> None:
     plot_curves(result["curves"], "accuracy", args.out + ".png", title="student fast_dvla token accuracy",
                 logy=False)
     print(f"wrote {args.out}.json, .md and .png")
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    main(parser.parse_args())

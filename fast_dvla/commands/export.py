@@ -10,8 +10,8 @@ import argparse
 
 import torch
 
-from .config import METHODS, TUNABLE_SETTINGS, add_setting_arguments, check_method_settings
-from .policy import FastDVLAPolicy
+from fast_dvla.config import METHODS, TUNABLE_SETTINGS, add_setting_arguments
+from fast_dvla.policy import FastDVLAPolicy
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SETTINGS = tuple(name for name, _, _ in TUNABLE_SETTINGS)
@@ -28,20 +28,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_setting_arguments(p, "saved with the policy (default: keep the policy's)")
 
 
-def apply_settings(policy: FastDVLAPolicy, method: str | None, for_method: str | None, changes: dict) -> None:
-    """``--method`` makes ``method`` the default decoder, taking in the settings saved for it;
-    ``changes`` then go to ``for_method``'s own settings, or to the default's."""
-    if method and method != policy.decode_config.method:
-        own = policy.method_settings.pop(method, {})
-        policy.decode_config = policy.decode_config.replace(method=method, **own)
-    target = for_method or policy.decode_config.method
-    if target == policy.decode_config.method:
-        policy.decode_config = policy.decode_config.replace(**changes)
-    else:
-        policy.method_settings[target] = {**policy.method_settings.get(target, {}), **changes}
-    policy.method_settings = check_method_settings(policy.method_settings, policy.decode_config)
-
-
 def settings_text(policy: FastDVLAPolicy) -> str:
     default = ", ".join(f"{k}={getattr(policy.decode_config, k)}" for k in SETTINGS)
     text = f"{policy.decode_config.method} decoding by default, {default}"
@@ -56,7 +42,7 @@ def main(args) -> None:
         raise SystemExit("--for-method saves settings for a decoder: give at least one (--tau-conf ... --near-bins)")
     policy = FastDVLAPolicy.from_pretrained(args.policy)
     try:
-        apply_settings(policy, args.method, args.for_method, changes)
+        policy.configure_decoding(changes, method=args.method, for_method=args.for_method)
     except ValueError as e:
         raise SystemExit(f"bad decoding settings: {e}")
     policy.save_pretrained(args.out, dtype=DTYPES[args.dtype])

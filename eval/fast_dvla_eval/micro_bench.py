@@ -16,25 +16,20 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import platform
 
 import numpy as np
 import torch
 
 from fast_dvla import FastDVLAPolicy
+from fast_dvla.benchmark.report import markdown_table, write_json
+from fast_dvla.benchmark.throughput import (COLUMNS, add_override_arguments, measure, overrides_from,
+                                            parse_decoders, policy_configs, process_peak_rss_mb)
 from fast_dvla.config import METHODS
+from fast_dvla.data.frames import sample_frames
 from fast_dvla.model import ModelConfig, ReferenceDVLA
+from fast_dvla.policy import reference_policy_dir
 from fast_dvla.tokenizer import ActionTokenizer
-
-from .report import markdown_table, write_json
-from .throughput import (COLUMNS, add_override_arguments, measure, overrides_from, parse_decoders, policy_configs,
-                         process_peak_rss_mb)
-
-
-def reference_checkpoint(kind: str) -> str:
-    import fast_dvla
-    return os.path.join(os.path.dirname(fast_dvla.__file__), "assets", "reference", "libero_object", kind)
 
 
 def random_policy(seed: int) -> FastDVLAPolicy:
@@ -57,8 +52,8 @@ def run(args) -> dict:
     methods = parse_decoders(args.decoders)  # before any loading
     if bool(args.teacher) != bool(args.student):
         raise SystemExit("give both --teacher and --student, or neither")
-    if not args.teacher and not args.random and os.path.isdir(reference_checkpoint("teacher")):
-        args.teacher, args.student = reference_checkpoint("teacher"), reference_checkpoint("student")
+    if not args.teacher and not args.random:
+        args.teacher, args.student = reference_policy_dir("teacher"), reference_policy_dir("student")
     if args.teacher:
         teacher = FastDVLAPolicy.from_pretrained(args.teacher)
         student = FastDVLAPolicy.from_pretrained(args.student)
@@ -71,7 +66,6 @@ def run(args) -> dict:
     if args.data:
         if args.batch != 1:
             raise SystemExit("--data times one demonstration frame per chunk: use --batch 1")
-        from .fidelity import sample_frames
         obs = [o for o, _ in sample_frames(args.data, args.repeats, teacher.model.config.horizon, args.seed)]
     else:
         obs = [random_observation(teacher, args.batch, args.seed + i) for i in range(args.repeats)]
@@ -105,9 +99,3 @@ def main(args) -> None:
     if args.out:
         write_json(args.out, result)
         print(f"wrote {args.out}")
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    main(parser.parse_args())

@@ -1,7 +1,7 @@
 """Does your data suit a block-causal student? Decode the *teacher* left to right.
 
-    python -m fast_dvla.eval.decode_order --tasks all --init-states 15-16 --shard 0/2 --out outputs/order
-    python -m fast_dvla.eval.decode_order --merge "outputs/order.shard*.json" --out outputs/order
+    python -m fast_dvla_eval.decode_order --tasks all --init-states 15-16 --shard 0/2 --out outputs/order
+    python -m fast_dvla_eval.decode_order --merge "outputs/order.shard*.json" --out outputs/order
 
 A block-causal student must decode a chunk in time order: each step's tokens
 are committed before it may see a later step's. A bidirectional teacher
@@ -13,8 +13,8 @@ tau_act = 1``). A gap between the two points at the data, e.g. a phase
 change whose timing the observation does not show (decoded in time order,
 it is postponed for ever under greedy decoding). It is not a bound on a
 student: the teacher never trained on "earlier steps known, all later ones
-masked", the student does (the shipped v3 teacher: 5/20 left to right,
-its distilled student 12/20).
+masked", the student does, so a distilled student can do better left to
+right than its teacher.
 """
 from __future__ import annotations
 
@@ -25,45 +25,45 @@ import torch
 from tqdm import tqdm
 
 from fast_dvla import DecodeConfig, FastDVLAPolicy
-from fast_dvla.decoding.common import WindowForward
+from fast_dvla.benchmark.report import markdown_table, write_json
 from fast_dvla.decoding.pipelined import decode_pipelined
+from fast_dvla.envs.rollout import libero_jobs, libero_task_envs, run_episode
+from fast_dvla.envs.sharding import read_shards, shard_stem
 from fast_dvla.masks import BIDIRECTIONAL
-
-from .bench_libero import read_shards, run_episode, shard_stem, sharded_jobs, task_envs
-from .micro_bench import reference_checkpoint
-from .report import markdown_table, write_json
+from fast_dvla.policy import reference_policy_dir
 
 ORDERS = ("all_at_once", "left_to_right")
 
 
-def decode_left_to_right(model, prefix: torch.Tensor, config: DecodeConfig, trace: list | None = None):
+def decode_left_to_right(model, prefix: torch.Tensor, config: DecodeConfig, trace: list | None = None,
+                         categorical=None):
     """Block diffusion's order (one block at a time, ``config``'s commit rule) under the
     model's bidirectional attention, every forward uncached over the whole sequence."""
-    forward = WindowForward(model, prefix, None)
-    forward.mask_kind_override = BIDIRECTIONAL  # the teacher's own attention: only the order changes
+    # the teacher's own attention: only the order changes
     return decode_pipelined(model, prefix, config.replace(method="block_diffusion", use_cache=False),
-                            trace=trace, _forward=forward)
+                            trace=trace, categorical=categorical, attention=BIDIRECTIONAL)
 
 
 class LeftToRightPolicy(FastDVLAPolicy):
     """A bidirectional policy whose chunks are decoded one block (time step) after another."""
 
     def decode_prefix(self, prefix: torch.Tensor, config: DecodeConfig):
-        return decode_left_to_right(self.model, prefix, config)
+        return decode_left_to_right(self.model, prefix, config,
+                                    categorical=self.action_tokenizer.categorical_slots(self.model.config.horizon))
 
 
 def run(args) -> dict:
-    path = args.policy or reference_checkpoint("teacher")
+    path = args.policy or reference_policy_dir("teacher")
     policies = {"all_at_once": FastDVLAPolicy.from_pretrained(path),
                 "left_to_right": LeftToRightPolicy.from_pretrained(path)}
     configs = {"all_at_once": DecodeConfig(method="vanilla"), "left_to_right": DecodeConfig(tau_conf=args.tau_conf)}
-    jobs = sharded_jobs(args.suite, args.tasks, args.init_states, args.shard)
+    jobs = libero_jobs(args.suite, args.tasks, args.init_states, args.shard)
     episodes = {o: [] for o in ORDERS}
     bar = tqdm(total=len(jobs) * len(ORDERS), desc="teacher, both decoding orders")
-    for task, env, inits in task_envs(args.suite, jobs, policies["all_at_once"].model.config):
+    for task, env, inits in libero_task_envs(args.suite, jobs, policies["all_at_once"].model.config):
         for init in inits:
             for order in ORDERS:
-                r = run_episode(env, policies[order], configs[order], init, None, env.max_steps)
+                r = run_episode(env, policies[order], configs[order], init, env.max_steps)
                 episodes[order].append({"task": task, "init": init, "success": r["success"], "steps": r["steps"],
                                         "nfe": float(np.mean(r["nfe"]))})
                 bar.update(1)
@@ -87,8 +87,7 @@ def merge(results: list[dict]) -> dict:
     return merged
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", help="a bidirectional teacher (default: the shipped reference teacher)")
     p.add_argument("--suite", default="libero_object")
     p.add_argument("--tasks", default="all")
@@ -98,7 +97,9 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--merge", nargs="+", help="merge shard JSON files instead of running")
     p.add_argument("--out", default="outputs/decode_order")
-    args = p.parse_args(argv)
+
+
+def main(args) -> dict:
     if args.merge:
         result = merge(read_shards(args.merge))
         out = args.out
@@ -112,7 +113,3 @@ def main(argv=None) -> dict:
         f.write(f"Teacher `{result['policy']}` decoded all at once and left to right, same episodes.\n\n{table}\n")
     print(table)
     return result
-
-
-if __name__ == "__main__":
-    main()

@@ -16,113 +16,31 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import glob
-import json
 import os
 import platform
-import time
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from fast_dvla import DecodeConfig, FastDVLAPolicy
+from fast_dvla import FastDVLAPolicy
+from fast_dvla.benchmark.agreement import token_agreement
+from fast_dvla.benchmark.report import markdown_table, write_json
+from fast_dvla.benchmark.throughput import COLUMNS as SPEED_COLUMNS
+from fast_dvla.benchmark.throughput import (add_override_arguments, measure, overrides_from, parse_decoders,
+                                            policy_configs, policy_for, process_peak_rss_mb)
 from fast_dvla.config import METHODS
-
-from .micro_bench import reference_checkpoint as default_checkpoint
-from .record_libero_demos import parse_range
-from .report import markdown_table, write_json
-from .throughput import COLUMNS as SPEED_COLUMNS
-from .throughput import (add_override_arguments, measure, overrides_from, parse_decoders, policy_configs,
-                         policy_for, process_peak_rss_mb)
-
-
-def run_episode(env, policy: FastDVLAPolicy, config: DecodeConfig, init: int, keep_obs: list | None,
-                max_steps: int) -> dict:
-    obs = env.reset(init)
-    policy.reset()
-    latencies, nfe, query = [], [], []
-    original = policy.predict_action_chunk
-
-    def timed_predict(o, cfg=None):
-        t0 = time.perf_counter()
-        out = original(o, config)
-        latencies.append(time.perf_counter() - t0)
-        nfe.append(policy.last_stats.nfe)
-        query.append(policy.last_stats.query_tokens)
-        if keep_obs is not None:
-            keep_obs.append(o)
-        return out
-
-    policy.predict_action_chunk = timed_predict
-    success, steps = False, 0
-    try:
-        for steps in range(1, max_steps + 1):
-            obs, _, done, info = env.step(policy.select_action(obs))
-            if done or info["success"]:
-                success = True
-                break
-    finally:
-        policy.predict_action_chunk = original
-    return {"success": success, "steps": steps, "chunk_latency_s": latencies, "nfe": nfe, "query_tokens": query}
-
-
-def token_agreement(teacher, student, observations, configs: dict, methods, reference) -> dict:
-    """Fraction of action tokens each decoder shares with the teacher's vanilla decoding (``reference``)."""
-    out = {}
-    ref = [teacher_tokens(teacher, o, reference) for o in observations]
-    for m in methods:
-        policy = policy_for(m, teacher, student)
-        same = [np.mean(teacher_tokens(policy, o, configs[m]) == r) for o, r in zip(observations, ref)]
-        out[m] = float(np.mean(same))
-    return out
-
-
-def teacher_tokens(policy, obs, config):
-    actions = policy.predict_action_chunk(obs, config)
-    return policy.action_tokenizer.encode(actions)
-
-
-def parse_shard(shard: str) -> tuple[int, int]:
-    """``"i/n"`` -> ``(i, n)``, with ``0 <= i < n``."""
-    try:
-        i, n = (int(x) for x in shard.split("/"))
-    except ValueError:
-        raise SystemExit(f"--shard must look like i/n (e.g. 0/2), got {shard!r}") from None
-    if not 0 <= i < n:
-        raise SystemExit(f"--shard {shard}: need 0 <= i < n")
-    return i, n
-
-
-def sharded_jobs(suite: str, tasks: str, init_states: str, shard: str) -> list[tuple[int, int]]:
-    """The (task, initial state) pairs of ``shard`` (``i/n``: every n-th from the i-th); ``tasks`` is
-    ``all`` or ids like ``0-9``, ``init_states`` ids like ``15-16``."""
-    from fast_dvla.envs.libero_env import num_tasks
-
-    task_ids = list(range(num_tasks(suite))) if tasks == "all" else parse_range(tasks)
-    i, n = parse_shard(shard)
-    return [(t, s) for t in task_ids for s in parse_range(init_states)][i::n]
-
-
-def task_envs(suite: str, jobs: list[tuple[int, int]], config):
-    """Per task of ``jobs``, in order: ``(task, env, its initial states)``; one LIBERO
-    environment per task, rendering what the model ``config`` reads, closed when done."""
-    from fast_dvla.envs.libero_env import LiberoTaskEnv
-
-    for task in sorted({t for t, _ in jobs}):
-        env = LiberoTaskEnv(suite, task, image_size=config.image_size, cameras=config.cameras)
-        try:
-            yield task, env, [i for t, i in jobs if t == task]
-        finally:
-            env.close()
+from fast_dvla.envs.rollout import libero_jobs, libero_task_envs, run_episode
+from fast_dvla.envs.sharding import parse_shard, read_shards, shard_stem
+from fast_dvla.policy import reference_policy_dir
 
 
 def run(args) -> dict:
-    jobs = sharded_jobs(args.suite, args.tasks, args.init_states, args.shard)  # bad ids fail before any loading
+    jobs = libero_jobs(args.suite, args.tasks, args.init_states, args.shard)  # bad ids fail before any loading
     shard = parse_shard(args.shard)[0]
     methods = parse_decoders(args.decoders)
-    teacher = FastDVLAPolicy.from_pretrained(args.teacher or default_checkpoint("teacher"))
-    student = FastDVLAPolicy.from_pretrained(args.student or default_checkpoint("student"))
+    teacher = FastDVLAPolicy.from_pretrained(args.teacher or reference_policy_dir("teacher"))
+    student = FastDVLAPolicy.from_pretrained(args.student or reference_policy_dir("student"))
     overrides = overrides_from(args)
     try:
         configs = policy_configs(methods, teacher, student, **overrides)
@@ -132,12 +50,12 @@ def run(args) -> dict:
     episodes = {m: [] for m in methods}
     observations: list = []
     bar = tqdm(total=len(jobs) * len(methods), desc=f"LIBERO episodes (shard {args.shard})")
-    for task, env, inits in task_envs(args.suite, jobs, teacher.model.config):
+    for task, env, inits in libero_task_envs(args.suite, jobs, teacher.model.config):
         for init in inits:
             for m in methods:
                 keep = observations if (m == methods[0] and len(observations) < args.timing_obs) else None
-                result = run_episode(env, policy_for(m, teacher, student), configs[m], init, keep,
-                                     args.max_steps or env.max_steps)
+                result = run_episode(env, policy_for(m, teacher, student), configs[m], init,
+                                     args.max_steps or env.max_steps, keep_obs=keep)
                 result.update(task=task, init=init)
                 episodes[m].append(result)
                 bar.update(1)
@@ -263,23 +181,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="outputs/bench_libero", help="path stem for .json, .md and .png")
 
 
-def read_shards(patterns: list[str]) -> list[dict]:
-    """The shard JSON files matching any of ``patterns`` (globs), each read once, in name order."""
-    files = sorted({f for pattern in patterns for f in glob.glob(pattern)})
-    if not files:
-        raise SystemExit(f"no shard files match {patterns}")
-    results = []
-    for f in files:
-        with open(f) as fh:
-            results.append(json.load(fh))
-    return results
-
-
-def shard_stem(out: str, shard: str) -> str:
-    """Where shard ``i/n`` writes: ``out`` itself when there is one shard, else ``out.shard<i>``."""
-    return out if shard == "0/1" else f"{out}.shard{shard.split('/')[0]}"
-
-
 def main(args) -> None:
     if args.merge:
         report(merge(read_shards(args.merge)), args.out)
@@ -292,9 +193,3 @@ def main(args) -> None:
         args.shard = f"{os.environ.get('RANK', '0')}/{os.environ.get('WORLD_SIZE', '1')}"
     result = run(args)
     report(result, shard_stem(args.out, args.shard))
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    main(parser.parse_args())

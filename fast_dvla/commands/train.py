@@ -1,7 +1,7 @@
 """``fast-dvla train-teacher`` and ``fast-dvla distill``.
 
-    fast-dvla train-teacher --config configs/teacher_libero_object.yaml [--set steps=2000 ...]
-    fast-dvla distill --config configs/distill_libero_object.yaml
+    fast-dvla train-teacher --config configs/reference/teacher_libero_object.yaml [--set steps=2000 ...]
+    fast-dvla distill --config configs/reference/distill_libero_object.yaml
     torchrun --nproc_per_node 2 -m fast_dvla.cli train-teacher --config ...   # DDP (gloo on CPU)
 
 A run directory that already holds a checkpoint is resumed (``--fresh`` starts over).
@@ -13,8 +13,8 @@ import os
 import shutil
 import time
 
-from .config import TrainConfig
-from .distributed import init_distributed
+from fast_dvla.training.config import TrainConfig
+from fast_dvla.training.distributed import init_distributed
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args, stage: str) -> str:
-    from .trainer import Trainer
+    from fast_dvla.training.trainer import Trainer
 
     config = TrainConfig.load(args.config, args.overrides)
     if config.stage != stage:

@@ -1,0 +1,25 @@
+"""How often a decoder writes the same action tokens as the teacher's own decoding."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..config import DecodeConfig
+from ..policy import FastDVLAPolicy
+from .throughput import policy_for
+
+
+def chunk_tokens(policy: FastDVLAPolicy, obs: dict, config: DecodeConfig) -> np.ndarray:
+    """The action tokens of the chunk ``policy`` decodes for ``obs`` with ``config``."""
+    return policy.action_tokenizer.encode(policy.predict_action_chunk(obs, config))
+
+
+def token_agreement(teacher: FastDVLAPolicy, student: FastDVLAPolicy, observations: list[dict],
+                    configs: dict, methods, reference: DecodeConfig) -> dict:
+    """``{method: share of action tokens equal to the teacher's decoding with reference}``."""
+    ref = [chunk_tokens(teacher, o, reference) for o in observations]
+    out = {}
+    for m in methods:
+        policy = policy_for(m, teacher, student)
+        same = [np.mean(chunk_tokens(policy, o, configs[m]) == r) for o, r in zip(observations, ref)]
+        out[m] = float(np.mean(same))
+    return out
