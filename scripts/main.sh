@@ -9,6 +9,6 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 . "$ROOT/scripts/setup_env.sh"
 cd "$ROOT"
 # no OMP_WAIT_POLICY=PASSIVE here: nothing in the benchmark is torch.compile'd, and sleeping
-# OpenMP threads add a wake-up to every small cached forward (fast_dvla 96 -> 65 ms per chunk on 2 threads)
+# OpenMP threads add a wake-up to every small cached forward, which slows the cached decoders
 export MUJOCO_GL="${MUJOCO_GL:-egl}"
 fast-dvla bench libero --out outputs/bench_libero "$@"
