@@ -1,11 +1,16 @@
 """Validated decoding settings."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+import difflib
+from dataclasses import asdict, dataclass, replace
+
+from .schema import ConfigError, check_at_least, check_choice, check_fields, from_mapping
 
 METHODS = ("vanilla", "fast_dllm", "block_diffusion", "fast_dvla", "vanilla_cached")
 SCHEDULES = ("cosine", "linear")
 TOKEN_RULES = ("argmax", "mean", "majority")
+# what torch.Generator.manual_seed accepts
+SEED_RANGE = (-2 ** 63, 2 ** 64 - 1)
 
 
 # the decoding settings a user picks for a policy (``fast-dvla export`` saves them) or forces on
@@ -27,15 +32,6 @@ def add_setting_arguments(parser, default: str) -> None:
     for name, kind, meaning in TUNABLE_SETTINGS:
         kind_arg = {"choices": kind} if isinstance(kind, tuple) else {"type": kind}
         parser.add_argument(f"--{name.replace('_', '-')}", default=None, help=f"{meaning}; {default}", **kind_arg)
-
-
-def _is_count(value) -> bool:
-    """An int that is not a bool: ``near_bins=True`` is a mistake, not 1."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -81,7 +77,11 @@ class DecodeConfig:
         bin is likely, so the thresholds commit it sooner (ours).
     use_cache: False recomputes the whole sequence every forward (the exact
         reference the cached decoders are tested against).
-    seed: seeds sampling when temperature > 0.
+    seed: seeds sampling when temperature > 0 (an integer a torch generator takes).
+
+    Every field is checked on construction, by type (a bool is not a count, ``"0.5"`` is not a
+    number, numbers are finite) and range; a bad one raises ``ConfigError`` (a ``ValueError``)
+    naming it.
     """
 
     method: str = "fast_dvla"
@@ -99,32 +99,25 @@ class DecodeConfig:
     seed: int | None = None
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"unknown decoding method {self.method!r}; expected one of {METHODS}")
+        check_fields(self)
+        check_choice(self.method, METHODS, "method", "decoding method")
         for name in ("tau_conf", "tau_add", "tau_act"):
-            value = getattr(self, name)
-            if not _is_number(value) or not (0.0 <= float(value) <= 1.0):
-                raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
-        if not _is_count(self.fallback_n) or self.fallback_n < 1:
-            raise ValueError(f"fallback_n must be an integer >= 1, got {self.fallback_n!r}")
-        if not _is_count(self.vanilla_steps) or self.vanilla_steps < 1:
-            raise ValueError(f"vanilla_steps must be an integer >= 1, got {self.vanilla_steps!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r}; expected one of {SCHEDULES}")
-        if self.fast_dllm_block_size is not None and (not _is_count(self.fast_dllm_block_size)
-                                                      or self.fast_dllm_block_size < 1):
-            raise ValueError(f"fast_dllm_block_size must be an integer >= 1, got {self.fast_dllm_block_size!r}")
-        if not (self.temperature >= 0.0):  # also rejects NaN
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
-        if self.token_rule not in TOKEN_RULES:
-            raise ValueError(f"unknown token_rule {self.token_rule!r}; expected one of {TOKEN_RULES}")
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"expected a number in [0, 1], got {getattr(self, name)!r}", name)
+        check_at_least(self, ("fallback_n", "vanilla_steps", "fast_dllm_block_size"), 1)
+        check_choice(self.schedule, SCHEDULES, "schedule", "vanilla schedule")
+        if self.temperature < 0.0:
+            raise ConfigError(f"expected a number >= 0 (0: greedy), got {self.temperature!r}", "temperature")
+        check_choice(self.token_rule, TOKEN_RULES, "token_rule", "token rule")
         if self.token_rule != "argmax" and self.temperature > 0:
-            raise ValueError(f"token_rule={self.token_rule!r} is a greedy rule: it needs temperature 0")
-        if not _is_count(self.near_bins) or self.near_bins < 0:
-            raise ValueError(f"near_bins must be an integer >= 0, got {self.near_bins!r}")
+            raise ConfigError(f"{self.token_rule!r} is a greedy rule: it needs temperature 0", "token_rule")
+        check_at_least(self, ("near_bins",), 0)
         if self.near_bins and self.temperature > 0:
-            raise ValueError("near_bins scores the committed bin's neighbourhood: it needs greedy decoding "
-                             "(temperature 0)")
+            raise ConfigError("near_bins scores the committed bin's neighbourhood: it needs greedy decoding "
+                              "(temperature 0)", "near_bins")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise ConfigError(f"expected null or an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] (what a torch "
+                              f"generator takes), got {self.seed!r}", "seed")
 
     def replace(self, **changes) -> "DecodeConfig":
         return replace(self, **changes)
@@ -141,11 +134,9 @@ class DecodeConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DecodeConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown decode settings: {sorted(unknown)}")
-        return cls(**d)
+        """Settings by field name (a saved config's ``"decode"``); an unknown name is refused, naming
+        the nearest field."""
+        return from_mapping(cls, d)
 
 
 def check_method_settings(method_settings: dict, default: DecodeConfig) -> dict:
@@ -153,21 +144,36 @@ def check_method_settings(method_settings: dict, default: DecodeConfig) -> dict:
     name (``{"fast_dvla": {"token_rule": "mean", "near_bins": 3}}``): a student may decode best with
     the teacher's schedule by default and still want Fast-dVLA's rule tuned for it. Checked here,
     when the policy is built, so a bad entry fails at load time, naming itself."""
-    tunable = {name for name, _, _ in TUNABLE_SETTINGS}
+    tunable = [name for name, _, _ in TUNABLE_SETTINGS]
+    if not isinstance(method_settings, dict):
+        raise ConfigError(f"expected a mapping {{decoder: settings}}, got {method_settings!r}", "method_settings")
     checked = {}
     for method, settings in method_settings.items():
         if method not in METHODS:
-            raise ValueError(f"method_settings: unknown decoder {method!r}; expected some of {METHODS}")
+            raise ConfigError(f"unknown decoder {method!r}{_nearest([method], METHODS)}; expected some of {METHODS}",
+                              "method_settings")
+        where = f"method_settings[{method!r}]"
         if method == default.method:
-            raise ValueError(f"method_settings: {method!r} is the default decoder; its settings are the policy's "
-                             f"decode settings")
-        unknown = sorted(set(settings) - tunable)
+            raise ConfigError(f"{method!r} is the default decoder; its settings are the policy's decode settings",
+                              where)
+        if not isinstance(settings, dict):
+            raise ConfigError(f"expected a mapping of settings, got {settings!r}", where)
+        unknown = sorted(set(settings) - set(tunable))
         if unknown:
-            raise ValueError(f"method_settings[{method!r}]: unknown settings {unknown}; expected some of "
-                             f"{sorted(tunable)}")
+            raise ConfigError(f"unknown settings {unknown}{_nearest(unknown, tunable)}; expected some of "
+                              f"{sorted(tunable)}", where)
         try:
             default.replace(method=method, **settings)
-        except ValueError as e:
-            raise ValueError(f"method_settings[{method!r}]: {e}") from None
+        except ConfigError as e:
+            raise ConfigError(str(e), where) from None
         checked[method] = dict(settings)
     return checked
+
+
+def _nearest(names, known) -> str:
+    """`` (did you mean 'x'?)`` for the first of ``names`` close to one of ``known``."""
+    for name in names:
+        close = difflib.get_close_matches(str(name), known, n=1)
+        if close:
+            return f" (did you mean {close[0]!r}?)"
+    return ""

@@ -8,13 +8,15 @@ from a config.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaModel
 
+from .attention import BACKEND_NAMES
 from .backbone import DVLAModel, TransformersBackbone
+from .schema import ConfigError, check_at_least, check_choice, check_fields, from_mapping
 
 
 @dataclass
@@ -37,14 +39,26 @@ class ModelConfig:
     attn_backend: str = "sdpa"        # see fast_dvla.attention.BACKEND_NAMES
 
     def __post_init__(self):
+        """Every field checked by type and range (``ConfigError``, a ``ValueError``, naming it)."""
+        check_fields(self)
         self.cameras = tuple(self.cameras)
+        if len(set(self.cameras)) != len(self.cameras):
+            raise ConfigError(f"camera names must be distinct, got {list(self.cameras)}", "cameras")
+        check_at_least(self, ("image_size", "image_grid", "horizon", "action_dim", "block_size", "hidden_size",
+                              "num_layers", "num_heads", "num_kv_heads", "intermediate_size"), 1)
+        check_at_least(self, ("state_dim", "instr_len"), 0)
+        check_at_least(self, ("instr_vocab", "n_bins"), 2)  # instruction id 0 is padding; a token needs a choice
+        check_choice(self.attn_backend, BACKEND_NAMES, "attn_backend", "attention backend")
         if self.chunk_len % self.block_size:
-            raise ValueError(f"block_size {self.block_size} does not divide the chunk of "
-                             f"{self.horizon} x {self.action_dim} = {self.chunk_len} tokens")
-        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
-            raise ValueError("hidden_size must divide by num_heads, and num_heads by num_kv_heads")
-        if not self.cameras and self.state_dim <= 0 and self.instr_len <= 0:
-            raise ValueError("the model needs a non-empty prefix (cameras, state or instruction)")
+            raise ConfigError(f"block_size {self.block_size} does not divide the chunk of "
+                              f"{self.horizon} x {self.action_dim} = {self.chunk_len} tokens", "block_size")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"hidden_size {self.hidden_size} must divide by num_heads {self.num_heads}", "num_heads")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"num_heads {self.num_heads} must divide by num_kv_heads {self.num_kv_heads}",
+                              "num_kv_heads")
+        if not self.cameras and self.state_dim == 0 and self.instr_len == 0:
+            raise ConfigError("the model needs a non-empty prefix (cameras, state or instruction)", "cameras")
 
     @property
     def chunk_len(self) -> int:
@@ -61,8 +75,9 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        """Fields by name (a saved config's ``"model"``); an unknown name is refused, naming the
+        nearest field, rather than dropped (a misspelt ``blocksize`` would build another model)."""
+        return from_mapping(cls, d)
 
 
 class ImageEncoder(nn.Module):

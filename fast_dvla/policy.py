@@ -7,17 +7,25 @@ from collections import deque
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import DecodeConfig, check_method_settings
 from .decoding import DecodeStats, decode
 from .model import ModelConfig, ReferenceDVLA
-from .processor import ObservationProcessor, StateNormalizer
+from .processor import ObservationProcessor, StateNormalizer, batch_shape, describe_batch
+from .schema import ConfigError, check_entries, read_json, shown
 from .tokenizer import ActionTokenizer
 
 FORMAT = "fast-dvla-policy"
+CONFIG_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE, ACTION_STATS_FILE, STATE_STATS_FILE = (
     "config.json", "model.safetensors", "action_stats.json", "state_stats.json")
+# config.json's top-level entries and their kinds; "decode", "n_action_steps" and "method_settings"
+# may be absent (the defaults, the model's horizon, none)
+CONFIG_ENTRIES = {"format": str, "version": int, "model": dict, "decode": dict, "n_action_steps": int,
+                  "method_settings": dict}
+REQUIRED_CONFIG_ENTRIES = ("format", "version", "model")
 
 
 class FastDVLAPolicy:
@@ -46,12 +54,12 @@ class FastDVLAPolicy:
         self.state_norm = state_norm or StateNormalizer.identity(cfg.state_dim)
         self.decode_config = decode_config or DecodeConfig()
         self.method_settings = check_method_settings(method_settings or {}, self.decode_config)
-        self.n_action_steps = n_action_steps or cfg.horizon
-        if not 1 <= self.n_action_steps <= cfg.horizon:
-            raise ValueError(f"n_action_steps must be in [1, {cfg.horizon}], got {self.n_action_steps}")
+        self.n_action_steps = cfg.horizon if n_action_steps is None else n_action_steps
+        check_n_action_steps(self.n_action_steps, cfg.horizon)
         self.processor = ObservationProcessor(cfg, self.state_norm)
         self.last_stats: DecodeStats | None = None
         self._queue: deque = deque()
+        self._queue_batch_shape: tuple[int, ...] = ()  # () for a single observation's actions, (B,) for a batch's
 
     @property
     def device(self) -> torch.device:
@@ -102,57 +110,210 @@ class FastDVLAPolicy:
 
     def select_action(self, obs: dict, decode_config: DecodeConfig | None = None) -> np.ndarray:
         """The next queued action; when the queue is empty, first decodes a chunk from ``obs``
-        (with ``decode_config``, or the policy's own) and queues its first ``n_action_steps``."""
-        if not self._queue:
+        (with ``decode_config``, or the policy's own) and queues its first ``n_action_steps``.
+
+        The queue belongs to the observations that filled it: while it holds actions, ``obs`` must
+        be as batched as they were (single, or a batch of the same size), else ``ValueError``;
+        call ``reset()`` first to start over with another batch."""
+        if self._queue:
+            # serving a batch's queued actions to another batch size would hand one robot another's actions
+            shape = batch_shape(obs)
+            if shape != self._queue_batch_shape:
+                raise ValueError(f"select_action(obs): obs is {describe_batch(shape)}, but the queued actions are "
+                                 f"for {describe_batch(self._queue_batch_shape)}; call policy.reset() first "
+                                 f"(the queue keeps the batch it was filled for)")
+        else:
             chunk = self.predict_action_chunk(obs, decode_config)
             steps = chunk[: self.n_action_steps] if chunk.ndim == 2 else chunk[:, : self.n_action_steps].swapaxes(0, 1)
             self._queue.extend(steps)
+            self._queue_batch_shape = chunk.shape[:-2]
         return self._queue.popleft()
 
     def reset(self) -> None:
+        """Empties the action queue (between episodes, or before a change of batch size)."""
         self._queue.clear()
+        self._queue_batch_shape = ()
 
     # -- persistence ----------------------------------------------------------
-    def save_pretrained(self, path: str, dtype: torch.dtype | None = None) -> None:
-        """``dtype`` (e.g. ``torch.float16``) stores the weights smaller; they load back in the model's dtype."""
+    def config_dict(self) -> dict:
+        """What ``config.json`` holds for this policy: the model, the default decoder's settings,
+        those kept for other decoders, and ``n_action_steps``."""
         # either may have been set since construction; a default set since replaces that decoder's entry,
         # as a decode_config given to from_pretrained does
         method_settings = check_method_settings(
             {m: v for m, v in self.method_settings.items() if m != self.decode_config.method}, self.decode_config)
-        os.makedirs(path, exist_ok=True)
-        config = {"format": FORMAT, "version": 1, "model": self.model.config.to_dict(),
+        config = {"format": FORMAT, "version": CONFIG_VERSION, "model": self.model.config.to_dict(),
                   "decode": self.decode_config.to_dict(), "n_action_steps": self.n_action_steps}
         if method_settings:
             config["method_settings"] = method_settings
+        return config
+
+    def save_config(self, path: str) -> None:
+        """Rewrite only ``path/config.json`` (how the policy decodes), checked as ``from_pretrained``
+        will check it; the weights and statistics already there stay as they are."""
+        config = self.config_dict()
+        read_config(config, os.path.join(path, CONFIG_FILE))
+        write_json_atomically(os.path.join(path, CONFIG_FILE), config)
+
+    def save_pretrained(self, path: str, dtype: torch.dtype | None = None) -> None:
+        """``dtype`` (e.g. ``torch.float16``) stores the weights smaller; they load back in the model's dtype.
+        Everything is checked as ``from_pretrained`` will check it before any file is written: a
+        directory that would not load is not made."""
+        config = self.config_dict()
+        model_config = read_config(config, os.path.join(path, CONFIG_FILE))[0]
+        state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in self.model.state_dict().items()}
+        check_finite_weights(state, os.path.join(path, WEIGHTS_FILE))
+        state_stats = state_stats_to_save(self.state_norm, model_config, os.path.join(path, STATE_STATS_FILE))
+        os.makedirs(path, exist_ok=True)
+        self.action_tokenizer.save(os.path.join(path, ACTION_STATS_FILE))  # checks its statistics first
         with open(os.path.join(path, CONFIG_FILE), "w") as f:
             json.dump(config, f, indent=2)
-        state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in self.model.state_dict().items()}
         save_file(state, os.path.join(path, WEIGHTS_FILE))
-        self.action_tokenizer.save(os.path.join(path, ACTION_STATS_FILE))
         with open(os.path.join(path, STATE_STATS_FILE), "w") as f:
-            json.dump(self.state_norm.to_dict(), f, indent=2)
+            json.dump(state_stats, f, indent=2)
 
     @classmethod
     def from_pretrained(cls, path: str, decode_config: DecodeConfig | None = None, device="cpu",
                         n_action_steps: int | None = None) -> "FastDVLAPolicy":
+        """A policy directory, every file checked: a bad entry, tensor or statistic raises
+        ``ConfigError`` (a ``ValueError``) naming the file and the field. ``decode_config`` and
+        ``n_action_steps`` replace the saved ones."""
         config_path = os.path.join(path, CONFIG_FILE)
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"no {CONFIG_FILE} in {path!r}: not a fast-dvla checkpoint directory")
-        with open(config_path) as f:
-            config = json.load(f)
-        if config.get("format") != FORMAT:
-            raise ValueError(f"{config_path} is not a {FORMAT} config (format={config.get('format')!r})")
-        model = ReferenceDVLA(ModelConfig.from_dict(config["model"]))
-        missing, unexpected = model.load_state_dict(load_file(os.path.join(path, WEIGHTS_FILE)), strict=False)
-        if missing or unexpected:
-            raise ValueError(f"checkpoint {path!r} does not match the model: missing {missing}, unexpected {unexpected}")
-        with open(os.path.join(path, STATE_STATS_FILE)) as f:
-            state_norm = StateNormalizer.from_dict(json.load(f))
-        decode_config = decode_config or DecodeConfig.from_dict(config.get("decode", {}))
+        model_config, saved_decode, saved_steps, saved_settings = read_config(read_json(config_path), config_path)
+        if n_action_steps is not None:
+            check_n_action_steps(n_action_steps, model_config.horizon)
+        model = ReferenceDVLA(model_config)
+        model.load_state_dict(load_weights(os.path.join(path, WEIGHTS_FILE), model))
+        state_norm = load_state_norm(os.path.join(path, STATE_STATS_FILE), model_config)
+        action_tokenizer = load_action_tokenizer(os.path.join(path, ACTION_STATS_FILE), model_config)
+        decode_config = decode_config or saved_decode
         # a decode_config given here replaces the saved default; the other decoders keep theirs
-        method_settings = {m: v for m, v in config.get("method_settings", {}).items() if m != decode_config.method}
-        return cls(model.to(device), ActionTokenizer.load(os.path.join(path, ACTION_STATS_FILE)), state_norm,
-                   decode_config, n_action_steps or config.get("n_action_steps"), method_settings)
+        method_settings = {m: v for m, v in saved_settings.items() if m != decode_config.method}
+        return cls(model.to(device), action_tokenizer, state_norm, decode_config,
+                   saved_steps if n_action_steps is None else n_action_steps, method_settings)
+
+
+def read_config(config, config_path: str) -> tuple[ModelConfig, DecodeConfig, int, dict]:
+    """The model settings, default decoding, ``n_action_steps`` and other decoders' settings of a
+    policy's ``config.json`` (parsed), each entry checked by name, type and range; an error names
+    ``config_path`` and the field (``config.json: model.blocksize: unknown key; ...``)."""
+    try:
+        if not isinstance(config, dict):
+            raise ConfigError(f"expected a JSON object of settings, got {shown(config)}")
+        if config.get("format") != FORMAT:
+            raise ConfigError(f"not a {FORMAT} config: expected {FORMAT!r}, got {shown(config.get('format'))}",
+                              "format")
+        check_entries(config, CONFIG_ENTRIES, REQUIRED_CONFIG_ENTRIES)
+        if config["version"] != CONFIG_VERSION:
+            raise ConfigError(f"expected {CONFIG_VERSION} (the only version this fast-dvla reads), got "
+                              f"{config['version']!r}", "version")
+        model_config = _section(ModelConfig.from_dict, config["model"], "model")
+        decode_config = _section(DecodeConfig.from_dict, config.get("decode", {}), "decode")
+        n_action_steps = config.get("n_action_steps", model_config.horizon)
+        check_n_action_steps(n_action_steps, model_config.horizon)
+        method_settings = check_method_settings(config.get("method_settings", {}), decode_config)
+    except ConfigError as e:
+        raise e.within(config_path) from None
+    return model_config, decode_config, n_action_steps, method_settings
+
+
+def _section(build, settings, name: str):
+    """``build(settings)``, its errors' fields nested under ``name``."""
+    try:
+        return build(settings)
+    except ConfigError as e:
+        raise e.within(parent=name) from None
+
+
+def check_n_action_steps(value, horizon: int) -> None:
+    """An action queue takes 1 to ``horizon`` actions of each chunk (0 is not "all of them")."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= horizon:
+        raise ConfigError(f"expected an integer in [1, {horizon}] (the model's horizon), got {shown(value)}",
+                          "n_action_steps")
+
+
+def load_weights(weights_path: str, model: ReferenceDVLA) -> dict:
+    """The tensors of ``weights_path``, checked against ``model`` (names and shapes) and for
+    non-finite values; an error names the file and the tensor."""
+    if not os.path.isfile(weights_path):
+        raise FileNotFoundError(f"no {WEIGHTS_FILE}: {weights_path} does not exist")
+    try:
+        state = load_file(weights_path)
+    except (SafetensorError, OSError) as e:
+        raise ConfigError(f"not a readable safetensors file (truncated or corrupt?): {e}", file=weights_path) from None
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ConfigError(f"does not match the model in {CONFIG_FILE}: missing {missing}, unexpected {unexpected}",
+                          file=weights_path)
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise ConfigError(f"shape {tuple(tensor.shape)}, but the model in {CONFIG_FILE} has "
+                              f"{tuple(expected[name].shape)}", name, weights_path)
+    check_finite_weights(state, weights_path)
+    return state
+
+
+def check_finite_weights(state: dict, weights_path: str) -> None:
+    """No NaN or inf in any tensor: one poisons every chunk it touches, yet a chunk decoded through
+    it can still look plausible."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise ConfigError(f"{bad} non-finite value(s) (NaN or inf) in this {tensor.dtype} tensor", name,
+                                  weights_path)
+
+
+def load_state_norm(stats_path: str, model_config: ModelConfig) -> StateNormalizer:
+    """The state statistics at ``stats_path``, checked, and against the model's ``state_dim``."""
+    try:
+        state_norm = StateNormalizer.from_dict(read_json(stats_path))
+        check_state_dim(state_norm, model_config)
+    except ConfigError as e:
+        raise e.within(stats_path) from None
+    return state_norm
+
+
+def state_stats_to_save(state_norm: StateNormalizer, model_config: ModelConfig, stats_path: str) -> dict:
+    """``state_norm`` as ``stats_path`` will hold it, refused (naming that file) where
+    ``load_state_norm`` would refuse it."""
+    try:
+        stats = state_norm.to_dict()
+        check_state_dim(state_norm, model_config)
+    except ConfigError as e:
+        raise e.within(stats_path) from None
+    return stats
+
+
+def check_state_dim(state_norm: StateNormalizer, model_config: ModelConfig) -> None:
+    entries = state_norm.mean.shape[-1]
+    if entries != model_config.state_dim:
+        raise ConfigError(f"{entries} entries, but the model in {CONFIG_FILE} has state_dim {model_config.state_dim}",
+                          "mean")
+
+
+def load_action_tokenizer(stats_path: str, model_config: ModelConfig) -> ActionTokenizer:
+    """The action statistics at ``stats_path`` (``ActionTokenizer.load`` checks them), checked
+    against the model's action dimensions and bins."""
+    tokenizer = ActionTokenizer.load(stats_path)
+    if tokenizer.action_dim != model_config.action_dim:
+        raise ConfigError(f"{tokenizer.action_dim} entries, but the model in {CONFIG_FILE} has action_dim "
+                          f"{model_config.action_dim}", "q01", stats_path)
+    if tokenizer.n_bins != model_config.n_bins:
+        raise ConfigError(f"{tokenizer.n_bins}, but the model in {CONFIG_FILE} has n_bins {model_config.n_bins}",
+                          "n_bins", stats_path)
+    return tokenizer
+
+
+def write_json_atomically(path: str, payload: dict) -> None:
+    """A kill mid-write leaves the old file, never half of a new one."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp, path)
 
 
 def reference_policy_dir(role: str, suite: str = "libero_object") -> str:

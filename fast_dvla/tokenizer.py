@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .schema import ConfigError, check_entries, read_json
+
 EPS = 1e-8
 
 
@@ -110,15 +112,34 @@ class ActionTokenizer:
         return cls(np.array(d["q01"]), np.array(d["q99"]), int(d["n_bins"]), tuple(d.get("gripper_dims", ())))
 
     def save(self, path: str) -> None:
+        """Writes ``path`` (``action_stats.json``), refusing first, naming it, what ``load`` would refuse."""
+        data = self.to_dict()
+        self._check_saved(data, path)
         with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
+            json.dump(data, f, indent=2)
 
     @classmethod
     def load(cls, path: str) -> "ActionTokenizer":
+        """Statistics written by ``save``; an entry missing, unknown, mistyped, non-finite or of
+        another length than its pair raises ``ConfigError`` naming ``path`` and the entry."""
         if not os.path.exists(path):
             raise FileNotFoundError(f"action statistics not found: {path}")
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        data = read_json(path)
+        cls._check_saved(data, path)
+        try:
+            return cls.from_dict(data)
+        except ValueError as e:  # what only the statistics together can say (q99 < q01, a gripper dim out of range)
+            raise ConfigError(str(e), file=path) from None
+
+    @staticmethod
+    def _check_saved(data, path: str) -> None:
+        try:
+            check_entries(data, {"q01": list[float], "q99": list[float], "n_bins": int, "gripper_dims": list[int]},
+                          required=("q01", "q99", "n_bins"))
+            if len(data["q99"]) != len(data["q01"]):
+                raise ConfigError(f"{len(data['q99'])} entries, but q01 has {len(data['q01'])}", "q99")
+        except ConfigError as e:
+            raise e.within(path) from None
 
 
 def _fnv1a(word: str) -> int:

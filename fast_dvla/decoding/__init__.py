@@ -5,7 +5,7 @@ import torch
 
 from ..backbone import DVLAModel
 from ..config import DecodeConfig
-from .common import DecodeResult, DecodeStats, check_categorical
+from .common import DecodeResult, DecodeStats, NonFiniteLogitsError, check_categorical
 from .fast_dllm import decode_fast_dllm
 from .pipelined import decode_pipelined
 from .unmask import fallback_steps_per_block
@@ -68,4 +68,4 @@ def max_nfe(model: DVLAModel, config: DecodeConfig) -> int:
     return model.num_blocks * fallback_steps_per_block(model.block_size, config.fallback_n)
 
 
-__all__ = ["decode", "DecodeResult", "DecodeStats", "DECODERS", "max_nfe"]
+__all__ = ["decode", "DecodeResult", "DecodeStats", "DECODERS", "NonFiniteLogitsError", "max_nfe"]

@@ -41,6 +41,20 @@ class DecodeResult:
     stats: DecodeStats
 
 
+class NonFiniteLogitsError(FloatingPointError):
+    """A forward of a decode produced NaN or inf action logits: the model's
+    weights, or its activations, are not finite. Raised rather than decoding
+    on, since every commit rule turns NaN confidences into plausible tokens
+    (all bin 0) or into a decode that never finishes."""
+
+    def __init__(self, decoder: str, forward: int, start: int, end: int):
+        self.decoder, self.forward, self.window = decoder, forward, (start, end)
+        super().__init__(
+            f"decode(model=...) with method {decoder!r}: forward {forward} (query positions [{start}, {end}) "
+            f"of prefix + chunk) produced NaN or inf action logits; expected finite logits. The model's "
+            f"weights contain NaN/inf, or its activations overflow (a half-precision model: try float32)")
+
+
 class WindowForward:
     """Runs the backbone over positions ``[start, end)`` of
     ``[prefix | action chunk]`` and returns the action logits of that window.
@@ -48,12 +62,18 @@ class WindowForward:
     Each forward is described once, by an :class:`~fast_dvla.masks.AttentionLayout`
     built here from the window and the mask ``kind``; the backbone's attention
     derives its mask from it (memoised per layout).
+
+    Each forward also records, on the device, whether its logits are all
+    finite (one reduction, no sync); :meth:`raise_if_nonfinite` reads them
+    once, at the end of a decode.
     """
 
     def __init__(self, model: DVLAModel, prefix: torch.Tensor, cache: BlockKVCache | None):
         self.model, self.prefix, self.cache = model, prefix, cache
         self.prefix_len = prefix.shape[1]
         self.total_len = self.prefix_len + model.chunk_len
+        self.finite: list[torch.Tensor] = []       # per forward: 0-d bool, on the device
+        self.windows: list[tuple[int, int]] = []   # per forward: its query positions [start, end)
 
     def __call__(self, tokens: torch.Tensor, start: int, end: int, kind: str, use_cache: bool,
                  read_len: int | None = None) -> torch.Tensor:
@@ -79,7 +99,26 @@ class WindowForward:
         positions = torch.arange(start, end, device=tokens.device)
         layout = AttentionLayout(P, self.model.block_size, start, end - start, kv_len, kind)
         hidden = self.model.backbone_forward(embeds, positions, layout, cache)
-        return self.model.action_logits(hidden[:, max(start, P) - start:])
+        logits = self.model.action_logits(hidden[:, max(start, P) - start:])
+        self.finite.append(torch.isfinite(logits).all())
+        self.windows.append((start, end))
+        return logits
+
+    def last_forward_finite(self) -> torch.Tensor:
+        """0-d bool on the device: whether the latest forward's logits were all finite (True before any),
+        for a decoder whose loop would not end on NaN confidences to stop on without a sync of its own."""
+        return self.finite[-1] if self.finite else torch.ones((), dtype=torch.bool, device=self.prefix.device)
+
+    def raise_if_nonfinite(self, decoder: str) -> None:
+        """Raises :class:`NonFiniteLogitsError` naming the first forward whose logits had NaN or inf
+        (one sync: call it once, when the decode ends)."""
+        if not self.finite:
+            return
+        finite = torch.stack(self.finite)
+        if bool(finite.all()):
+            return
+        forward = int((~finite).nonzero()[0, 0])
+        raise NonFiniteLogitsError(decoder, forward, *self.windows[forward])
 
 
 def confidences(logits: torch.Tensor, config: DecodeConfig, generator: torch.Generator | None,

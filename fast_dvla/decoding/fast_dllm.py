@@ -57,4 +57,5 @@ def decode_fast_dllm(model: DVLAModel, prefix: torch.Tensor, config: DecodeConfi
             stats.record(query, commit.sum(-1))
             if trace is not None:
                 trace.append({"block": (a0, a1), "logits": logits.detach().clone(), "committed": committed.clone()})
+    fwd.raise_if_nonfinite(config.method)  # the top-1 commit still ends a block on NaN confidences
     return DecodeResult(tokens, stats)

@@ -83,7 +83,8 @@ def decode_pipelined(model: DVLAModel, prefix: torch.Tensor, config: DecodeConfi
     ones = torch.ones(B, 1, device=dev)
     final_len = 0  # leading positions whose keys/values are final
 
-    while not bool(committed.all()):
+    # NaN confidences never pass a block's threshold, so a non-finite forward ends the loop (same sync)
+    while not bool(committed.all() | ~fwd.last_forward_finite()):
         frac = committed.view(B, N, k).float().mean(-1)
         # 1. add: the prefix counts as a complete block, so block 0 comes at once
         last = frac.gather(1, (n_added - 1).clamp(min=0)[:, None]).squeeze(1)
@@ -126,4 +127,5 @@ def decode_pipelined(model: DVLAModel, prefix: torch.Tensor, config: DecodeConfi
                           "complete_before": complete_before.clone(), "final_len": final_len,
                           "committed": committed.clone(), "fully_active": fully_active.clone(),
                           "n_added": n_added.clone()})
+    fwd.raise_if_nonfinite(config.method)
     return DecodeResult(tokens, stats)

@@ -38,7 +38,7 @@ def decode_vanilla(model: DVLAModel, prefix: torch.Tensor, config: DecodeConfig,
     stats = DecodeStats(config.method)
     tokens = torch.full((B, L), model.mask_token_id, dtype=torch.long, device=prefix.device)
     committed = torch.zeros(B, L, dtype=torch.bool, device=prefix.device)
-    final_len = 0  # leading positions whose keys/values are final (cached decoding only)
+    final_len = 0  # leading positions whose keys/values are final (the student's; tracked uncached too)
     masked = L
     for step in range(config.vanilla_steps):
         if masked == 0:
@@ -47,21 +47,25 @@ def decode_vanilla(model: DVLAModel, prefix: torch.Tensor, config: DecodeConfig,
             logits = fwd(tokens, final_len, P + L, BLOCK_CAUSAL, use_cache=True)
         else:
             logits = fwd(tokens, 0, P + L, BLOCK_CAUSAL if student else BIDIRECTIONAL, use_cache=False)
+            if student:  # the cached decode's window, so that sampling draws the same numbers from `gen`
+                logits = logits[:, max(final_len - P, 0):]
         a0 = L - logits.shape[1]  # positions before the window are committed and cached
         conf, pred = confidences(logits, config, gen, categorical_window(categorical, a0, L))
         # at least one token per forward, so no forward is wasted
         target = masked_after_step(L, config.vanilla_steps, step, config.schedule)
         count = max(1, masked - target)
-        # only the cached decode needs it: vanilla's loop is the baseline every speedup is timed against
-        complete_before = complete_blocks(committed, k) if cached else None
+        # only the student needs it: vanilla's loop is the baseline every speedup is timed against
+        complete_before = complete_blocks(committed, k) if student else None
         commit = topk_commit(conf, ~committed[:, a0:], count)
         tokens[:, a0:] = torch.where(commit, pred, tokens[:, a0:])
         committed[:, a0:] |= commit
         masked -= count
-        stats.record(P + L - final_len, commit.sum(-1))  # final_len stays 0 uncached
-        if cached:  # blocks complete before this forward got their final keys/values in it
+        stats.record(P + L - (final_len if cached else 0), commit.sum(-1))
+        if student:  # blocks complete before this forward got their final keys/values in it
             final_len = P + int(leading_complete_blocks(complete_before)) * k
-            fwd.cache.commit(final_len)
+            if cached:
+                fwd.cache.commit(final_len)
         if trace is not None:
             trace.append({"logits": logits.detach().clone(), "committed": committed.clone(), "final_len": final_len})
+    fwd.raise_if_nonfinite(config.method)
     return DecodeResult(tokens, stats)
