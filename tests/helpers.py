@@ -14,14 +14,31 @@ TINY = dict(image_size=16, image_grid=2, instr_len=4, hidden_size=64, num_layers
             num_kv_heads=2, intermediate_size=128, horizon=4, action_dim=7, block_size=7)
 
 
-def tiny_model(seed: int = 0, sharpness: float = 1.0, **overrides) -> ReferenceDVLA:
+def tiny_model(seed: int = 0, sharpness: float = 1.0, attention_gain: float = 2.0, **overrides) -> ReferenceDVLA:
     """A random tiny reference dVLA; ``sharpness`` scales the head so that
-    confidences spread over [0, 1] instead of sitting near 1/256."""
+    confidences spread over [0, 1] instead of sitting near 1/256.
+
+    ``attention_gain`` re-draws the attention projections with std
+    ``gain / sqrt(fan_in)``: at transformers' std of 0.02 attention adds next
+    to nothing to the residual stream, so every row of a batch decoded to
+    (nearly) the same tokens whatever its prefix, and per-row state went
+    untested. At 2 the rows of ``random_prefix`` differ in most tokens."""
     torch.manual_seed(seed)
     model = ReferenceDVLA(ModelConfig(**{**TINY, **overrides})).eval()
+    redraw_attention(model, attention_gain)
     with torch.no_grad():
         model.head.weight.mul_(sharpness)
     return model
+
+
+@torch.no_grad()
+def redraw_attention(model: DVLAModel, gain: float) -> None:
+    """The q/k/v/o projections of ``model``'s transformers decoder drawn from N(0, gain^2 / fan_in)
+    (from torch's global generator; see ``tiny_model``)."""
+    for layer in model.backbone.decoder.layers:
+        attn = layer.self_attn
+        for projection in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
+            projection.weight.normal_(0.0, gain / math.sqrt(projection.in_features))
 
 
 def random_prefix(model: ReferenceDVLA, batch: int, seed: int = 0) -> torch.Tensor:

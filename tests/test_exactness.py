@@ -9,6 +9,9 @@ from fast_dvla.masks import BIDIRECTIONAL, AttentionLayout
 from helpers import random_prefix, tiny_model
 
 SHARP = 8.0  # spreads confidences over [0, 1] while logits stay O(1-10)
+# float32 rounding between two exact computations in a different order, at logits up to ~20
+# through attention that really reads the prefix; a wrong mask or cached block moves them > 1e-3
+FLOAT32_NOISE = 1e-4
 
 CASES = [  # (seed, batch, config)
     (0, 1, DecodeConfig(method="fast_dvla", tau_conf=0.3)),
@@ -60,7 +63,7 @@ def assert_cached_equals_uncached(model, seed, batch, config):
     cached, trace_c = run(model, prefix, config)
     full, trace_f = run(model, prefix, config.replace(use_cache=False))
     assert torch.equal(cached.tokens, full.tokens)
-    assert max_logit_gap(trace_c, trace_f, model.block_size) < 1e-5
+    assert max_logit_gap(trace_c, trace_f, model.block_size) < FLOAT32_NOISE
     assert cached.stats.nfe == full.stats.nfe
     # the cache really saves work: fewer query tokens than recomputing everything
     assert cached.stats.query_tokens < full.stats.query_tokens
@@ -109,7 +112,7 @@ def test_caching_an_incomplete_block_is_caught(monkeypatch):
     config = DecodeConfig(method="fast_dvla", tau_conf=0.3)
     _, reference = run(model, prefix, config.replace(use_cache=False))
     _, correct = run(model, prefix, config)
-    assert max_logit_gap(correct, reference) < 1e-5
+    assert max_logit_gap(correct, reference) < FLOAT32_NOISE
     # cache a block as soon as this step's commit completes it: its keys/values
     # in the cache then come from a forward that still had [MASK]s in it.
     # The decoder's `committed` is updated in place: reading it when the cache is
@@ -136,7 +139,7 @@ def test_eager_attention_matches_sdpa():
     _, sdpa = run(model, prefix, config)
     model.set_attn_backend("eager")
     _, eager = run(model, prefix, config)
-    assert max_logit_gap(sdpa, eager) < 1e-5
+    assert max_logit_gap(sdpa, eager) < FLOAT32_NOISE
 
 
 def _vanilla_cached_gap(trace_cached, trace_full):
@@ -156,7 +159,7 @@ def test_vanilla_cached_equals_its_uncached_reference(seed, batch):
     cached = decode(model, prefix, config, trace=trace_c)
     full = decode(model, prefix, config.replace(use_cache=False), trace=trace_f)
     assert torch.equal(cached.tokens, full.tokens)
-    assert _vanilla_cached_gap(trace_c, trace_f) < 1e-5
+    assert _vanilla_cached_gap(trace_c, trace_f) < FLOAT32_NOISE
     assert cached.stats.nfe == full.stats.nfe == 16
     assert cached.stats.query_tokens < full.stats.query_tokens
     # it decodes the student's mask: the teacher's bidirectional forwards give other logits

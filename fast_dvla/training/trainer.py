@@ -13,6 +13,7 @@ import copy
 import json
 import math
 import os
+import pickle
 import random
 import time
 from dataclasses import MISSING, fields, replace
@@ -94,6 +95,59 @@ def lr_lambda(config: TrainConfig):
     return f
 
 
+def numpy_rng_state() -> dict:
+    """numpy's global random state as tensors and numbers, which the weights-only loader
+    accepts (a numpy array it refuses)."""
+    _, key, pos, has_gauss, gauss = np.random.get_state()
+    return {"key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+            "gauss": float(gauss)}
+
+
+def set_numpy_rng_state(state: dict) -> None:
+    np.random.set_state(("MT19937", state["key"].numpy().astype(np.uint32), state["pos"], state["has_gauss"],
+                         state["gauss"]))
+
+
+def save_atomically(obj, path: str) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then renamed over it: a run killed
+    mid-write leaves the previous checkpoint whole (and a write that raises, Ctrl-C included,
+    removes its temporary file)."""
+    # beside it, so the rename stays on one filesystem (atomic); one fixed name, so a file a kill
+    # left behind is overwritten by the next save rather than piling up
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the checkpoint
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def unpickler_complaint(error: pickle.UnpicklingError) -> str:
+    """The line of torch's weights-only refusal that names what the file wanted to load."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return next((line for line in lines if "WeightsUnpickler error" in line), lines[0] if lines else "")
+
+
+def read_checkpoint(path: str) -> dict:
+    """A training checkpoint, read with torch's weights-only loader: tensors and plain containers
+    only, so a checkpoint from elsewhere cannot run code when it is loaded."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: refused to load; a training checkpoint holds only tensors, numbers, strings "
+                         f"and containers of them ({unpickler_complaint(e)})") from None
+    except RuntimeError as e:
+        raise ValueError(f"{path}: not a readable training checkpoint (truncated or corrupt?): {e}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+        raise ValueError(f"{path}: not a training checkpoint; expected a mapping with a 'config' mapping")
+    return state
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, dist: DistInfo | None = None, progress: bool = True,
                  dataset: ChunkDataset | None = None):
@@ -146,6 +200,7 @@ class Trainer:
         self.noise_gen = torch.Generator().manual_seed(config.seed * 1000 + 1 + self.dist.rank)
         self.step = 0
         self.history: list[dict] = []
+        self.pending_losses: list[float] = []  # since the last log entry: a resumed run averages the same ones
         self.wall = 0.0
         if self.dist.world > 1 and config.batch_size % self.dist.world:
             raise ValueError(f"batch_size {config.batch_size} must divide by the {self.dist.world} ranks")
@@ -158,24 +213,23 @@ class Trainer:
     def state(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "step": self.step, "history": self.history,
+                "pending_losses": self.pending_losses,
                 "wall": self.wall, "data_gen": self.data_gen.get_state(), "noise_gen": self.noise_gen.get_state(),
-                "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
+                "torch_rng": torch.get_rng_state(), "numpy_rng": numpy_rng_state(),
                 "python_rng": random.getstate(), "config": self.config.to_dict()}
 
     def save_checkpoint(self) -> None:
         if not self.dist.is_main:
             return
         os.makedirs(self.config.out, exist_ok=True)
-        tmp = self.checkpoint_path + ".tmp"
-        torch.save(self.state(), tmp)
-        os.replace(tmp, self.checkpoint_path)  # never a half-written checkpoint
+        save_atomically(self.state(), self.checkpoint_path)
         self.write_logs()
 
     def resume(self) -> bool:
         """Load the run directory's checkpoint if there is one."""
         if not os.path.isfile(self.checkpoint_path):
             return False
-        s = torch.load(self.checkpoint_path, weights_only=False)
+        s = read_checkpoint(self.checkpoint_path)
         changed = changed_settings(s.get("config", {}), self.config.to_dict())
         if changed:  # resuming another run's weights under a new recipe would be silently wrong
             raise ValueError(f"{self.config.out} holds a run with other settings ({', '.join(changed)}); "
@@ -184,10 +238,11 @@ class Trainer:
         self.optimizer.load_state_dict(s["optimizer"])
         self.scheduler.load_state_dict(s["scheduler"])
         self.step, self.history, self.wall = s["step"], s["history"], s["wall"]
+        self.pending_losses = list(s.get("pending_losses", []))
         self.data_gen.set_state(s["data_gen"])
         self.noise_gen.set_state(s["noise_gen"])
         torch.set_rng_state(s["torch_rng"])
-        np.random.set_state(s["numpy_rng"])
+        set_numpy_rng_state(s["numpy_rng"])
         random.setstate(s["python_rng"])
         return True
 
@@ -218,7 +273,7 @@ class Trainer:
         cfg = self.config
         until = cfg.steps if until is None else until
         bar = tqdm(total=until, initial=self.step, desc=f"{cfg.stage}", disable=not self.progress)
-        recent, t_last = [], time.perf_counter()
+        recent, t_last = self.pending_losses, time.perf_counter()
         while self.step < until:
             t0 = time.perf_counter()
             recent.append(self.train_step())
@@ -233,7 +288,8 @@ class Trainer:
                     self.model.train()
                 self.history.append(entry)
                 bar.set_postfix(loss=f"{entry['loss']:.4f}", steps_per_s=f"{rate:.2f}")
-                recent, t_last = [], time.perf_counter()
+                recent.clear()
+                t_last = time.perf_counter()
             bar.update(1)
             if self.step % cfg.save_every == 0 and self.step < until:
                 self.save_checkpoint()
@@ -285,7 +341,7 @@ def policy_from_run(run_dir: str) -> FastDVLAPolicy:
     path = os.path.join(run_dir, CHECKPOINT)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {CHECKPOINT} in {run_dir!r}: not a training run directory")
-    config = TrainConfig.from_dict(torch.load(path, weights_only=False, map_location="cpu")["config"])
+    config = TrainConfig.from_dict(read_checkpoint(path)["config"])
     trainer = Trainer(config, progress=False)
     trainer.resume()
     return trainer.policy()
