@@ -11,6 +11,14 @@ tokens/s, chunk latency median/p90, chunk Hz, action Hz, NFE and query
 tokens per chunk, speedup over vanilla); agreement of its action tokens with
 the teacher's vanilla decoding on those observations. Teacher decoders
 (vanilla, fast_dllm) run the teacher; student decoders the student.
+
+Resumable: each finished episode is appended to a journal beside the output
+(``<out>.episodes.jsonl``, or ``<out>.shard<i>.episodes.jsonl``; the observations
+kept for timing go to ``.episodes.obs/`` beside it), so a run that is killed, re-run with the same
+arguments, skips the episodes already there (the progress bar counts them as
+done) and ends with the same episodes as a run that never stopped; the speed
+phase runs again. A journal written with other arguments is refused, naming
+them; ``--fresh`` starts over.
 """
 from __future__ import annotations
 
@@ -30,9 +38,77 @@ from fast_dvla.benchmark.throughput import COLUMNS as SPEED_COLUMNS
 from fast_dvla.benchmark.throughput import (add_override_arguments, measure, overrides_from, parse_decoders,
                                             policy_configs, policy_for, process_peak_rss_mb)
 from fast_dvla.config import METHODS
+from fast_dvla.envs.journal import EpisodeJournal, journal_path
 from fast_dvla.envs.rollout import libero_jobs, libero_task_envs, run_episode
 from fast_dvla.envs.sharding import parse_shard, read_shards, shard_stem
 from fast_dvla.policy import reference_policy_dir
+
+
+def policy_location(path: str | None) -> str:
+    """A policy argument as a journal keeps it: absolute, so a run resumed from another directory
+    is checked against the same policy."""
+    return os.path.abspath(path) if path else "shipped reference"
+
+
+def journal_arguments(args, configs: dict) -> dict:
+    """What a resumed run must share with the run that wrote its journal: every argument that
+    shapes the episodes or the observations kept, and the settings each decoder resolved to
+    (a policy's saved settings may have changed between the runs)."""
+    given = {"--suite": args.suite, "--tasks": args.tasks, "--init-states": args.init_states,
+             "--decoders": args.decoders, "--teacher": policy_location(args.teacher),
+             "--student": policy_location(args.student), "--max-steps": args.max_steps,
+             "--timing-obs": args.timing_obs, "--shard": args.shard}
+    given.update({f"--{name.replace('_', '-')}": value for name, value in overrides_from(args).items()})
+    given["decoding settings"] = {m: c.to_dict() for m, c in configs.items()}
+    return given
+
+
+def open_journal(args, configs: dict) -> EpisodeJournal:
+    """This run's journal (its shard's), resumed if it holds episodes; exits naming a differing argument."""
+    path = journal_path(shard_stem(args.out, args.shard))
+    try:
+        journal = EpisodeJournal(path, journal_arguments(args, configs), fresh=args.fresh)
+    except ValueError as e:
+        raise SystemExit(str(e))
+    if len(journal):
+        print(f"resuming from {path}: {len(journal)} episodes done")
+    return journal
+
+
+def run_episodes(args, jobs, methods, configs, teacher, student, journal: EpisodeJournal,
+                 keep_timing: bool) -> tuple[dict, list]:
+    """Every (task, initial state, decoder) episode of ``jobs`` that ``journal`` lacks, each recorded
+    there as it finishes. Returns the episodes per decoder in job order (those of earlier runs
+    included) and the observations kept for timing: the first decoder's, up to ``--timing-obs``."""
+    first = methods[0]
+    observations: list = []
+    if keep_timing:  # earlier runs' kept observations, in the order they were kept
+        for task, init in jobs:
+            if journal.done(first, task, init):
+                observations.extend(journal.observations(first, task, init))
+    pending = [(t, i) for t, i in jobs if not all(journal.done(m, t, i) for m in methods)]
+    bar = tqdm(total=len(jobs) * len(methods), initial=len(journal), desc=f"LIBERO episodes (shard {args.shard})")
+    for task, env, inits in libero_task_envs(args.suite, pending, teacher.model.config):
+        for init in inits:
+            for m in methods:
+                if journal.done(m, task, init):
+                    continue
+                keep = [] if (keep_timing and m == first and len(observations) < args.timing_obs) else None
+                result = run_episode(env, policy_for(m, teacher, student), configs[m], init,
+                                     args.max_steps or env.max_steps, keep_obs=keep)
+                result.update(task=task, init=init)
+                journal.record(m, task, init, result, keep)
+                observations.extend(keep or [])
+                bar.update(1)
+                bar.set_postfix({k: f"{np.mean(v):.2f}" for k, v in successes(journal, jobs, methods).items() if v})
+    bar.close()
+    episodes = {m: [journal.result(m, t, i) for t, i in jobs] for m in methods}
+    return episodes, observations
+
+
+def successes(journal: EpisodeJournal, jobs, methods) -> dict:
+    """Per decoder, the success of each episode the journal holds."""
+    return {m: [journal.result(m, t, i)["success"] for t, i in jobs if journal.done(m, t, i)] for m in methods}
 
 
 def run(args) -> dict:
@@ -47,26 +123,16 @@ def run(args) -> dict:
         reference = policy_configs(["vanilla"], teacher, student, **overrides)["vanilla"]
     except ValueError as e:
         raise SystemExit(f"bad decoding settings: {e}")
-    episodes = {m: [] for m in methods}
-    observations: list = []
-    bar = tqdm(total=len(jobs) * len(methods), desc=f"LIBERO episodes (shard {args.shard})")
-    for task, env, inits in libero_task_envs(args.suite, jobs, teacher.model.config):
-        for init in inits:
-            for m in methods:
-                keep = observations if (m == methods[0] and len(observations) < args.timing_obs) else None
-                result = run_episode(env, policy_for(m, teacher, student), configs[m], init,
-                                     args.max_steps or env.max_steps, keep_obs=keep)
-                result.update(task=task, init=init)
-                episodes[m].append(result)
-                bar.update(1)
-                bar.set_postfix({k: f"{np.mean([e['success'] for e in v]):.2f}" for k, v in episodes.items() if v})
-    bar.close()
+    with open_journal(args, configs) as journal:
+        # speed is measured in one process (shard 0), on observations from its episodes
+        episodes, observations = run_episodes(args, jobs, methods, configs, teacher, student, journal,
+                                              keep_timing=shard == 0)
     result = {"suite": args.suite, "decode": {m: c.to_dict() for m, c in configs.items()},
               "date": datetime.date.today().isoformat(), "machine": platform.machine(),
               "torch_threads": torch.get_num_threads(),
               "teacher": args.teacher or "shipped reference", "student": args.student or "shipped reference",
               "shard": args.shard, "episodes": episodes}
-    if shard == 0 and observations:  # speed is measured in one process, on the same observations
+    if observations:
         result["throughput"] = measure(teacher, student, observations, configs, methods, warmup=2)
         result["agreement"] = token_agreement(teacher, student, observations[: args.agreement_obs], configs, methods,
                                               reference)
@@ -178,7 +244,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own, one per core)")
     p.add_argument("--shard", default=None, help="i/n: run every n-th episode from the i-th (default: torchrun rank)")
     p.add_argument("--merge", nargs="+", help="merge shard JSON files instead of running")
-    p.add_argument("--out", default="outputs/bench_libero", help="path stem for .json, .md and .png")
+    p.add_argument("--out", default="outputs/bench_libero", help="path stem for .json, .md and .png; the run's "
+                   "journal, <stem>.episodes.jsonl, lets a killed run resume when re-run with the same arguments")
+    p.add_argument("--fresh", action="store_true", help="discard the journal of an earlier run with this --out "
+                   "and --shard, and run every episode again")
 
 
 def main(args) -> None:
