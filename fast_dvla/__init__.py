@@ -2,11 +2,15 @@
 for discrete-diffusion vision-language-action models (Fast-dVLA)."""
 from .cache import BlockKVCache
 from .config import DecodeConfig
-from .decoding import DecodeResult, DecodeStats, decode
+from .decoding import DecodeResult, DecodeStats, NonFiniteLogitsError, decode
 from .model import ModelConfig, ReferenceDVLA
 from .policy import FastDVLAPolicy
+from .processor import InstructionError, InstructionWarning
+from .schema import ConfigError
 from .tokenizer import ActionTokenizer
+from .tuning import tune
 
 __version__ = "0.1.0"
-__all__ = ["ActionTokenizer", "BlockKVCache", "DecodeConfig", "DecodeResult", "DecodeStats", "FastDVLAPolicy",
-           "ModelConfig", "ReferenceDVLA", "decode"]
+__all__ = ["ActionTokenizer", "BlockKVCache", "ConfigError", "DecodeConfig", "DecodeResult", "DecodeStats",
+           "FastDVLAPolicy", "InstructionError", "InstructionWarning", "ModelConfig", "NonFiniteLogitsError",
+           "ReferenceDVLA", "decode", "tune"]

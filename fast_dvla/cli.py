@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "bench": ("fast_dvla_eval.bench_libero", "closed-loop benchmark of every decoder (bench libero)"),
     "micro-bench": ("fast_dvla_eval.micro_bench", "time every decoder on the same model and inputs"),
     "fidelity": ("fast_dvla_eval.fidelity", "open-loop fidelity of a policy on recorded demonstrations"),
+    "tune": ("fast_dvla_eval.tune", "sweep a decoder's thresholds: Pareto front of speed vs fidelity, a recommendation"),
     "bench-kernels": ("fast_dvla_eval.bench_kernels", "time the attention backends on one GPU"),
     "decode-order": ("fast_dvla_eval.decode_order", "closed loop: the teacher decoded all at once vs left to right"),
     "convergence": ("fast_dvla_eval.convergence", "student convergence: distillation vs block diffusion vs scratch"),
