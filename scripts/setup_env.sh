@@ -25,7 +25,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[setup] installing into $VENV (${LOCK:-newest allowed versions})"
   # torch 2.13.0 (CPU) first: left to the resolver, it would pull a multi-GB CUDA build
   pip_quiet torch==2.13.0
-  pip_quiet -e "$ROOT[test,train,libero]"
+  pip_quiet -e "$ROOT[test,train,libero,calvin]"
   # fail loudly if the install did not take; from the root, as a user runs it
   (cd "$ROOT" && python -c "import torch, transformers, triton, fast_dvla, fast_dvla_kernels, fast_dvla_eval
 from transformers import LlamaModel, Qwen2Model")

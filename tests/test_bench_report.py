@@ -78,7 +78,7 @@ def test_both_benchmarks_take_the_same_override_flags(module):
 
     parser = argparse.ArgumentParser()
     importlib.import_module(f"fast_dvla_eval.{module}").add_arguments(parser)
-    extra = ["libero"] if module == "bench_libero" else []
+    extra = []
     unset = overrides_from(parser.parse_args(extra))
     assert set(unset.values()) == {None}  # nothing forced: each policy's own settings
     args = parser.parse_args(extra + ["--tau-conf", "0.3", "--vanilla-steps", "6", "--token-rule", "mean",

@@ -116,7 +116,7 @@ def test_bench_libero_resumes_only_with_the_same_arguments(tmp_path):
     configs = {"vanilla": DecodeConfig(method="vanilla")}
 
     def journal_of(*flags):
-        args = parser.parse_args(["libero", "--out", str(tmp_path / "b"), "--shard", "0/2", *flags])
+        args = parser.parse_args(["--out", str(tmp_path / "b"), "--shard", "0/2", *flags])
         return bench_libero.open_journal(args, configs)
 
     with journal_of("--tasks", "0") as journal:

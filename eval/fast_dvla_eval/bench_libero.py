@@ -33,21 +33,15 @@ from tqdm import tqdm
 
 from fast_dvla import FastDVLAPolicy
 from fast_dvla.benchmark.agreement import token_agreement
-from fast_dvla.benchmark.report import markdown_table, write_json
+from fast_dvla.benchmark.report import markdown_table, settings_text, write_json
 from fast_dvla.benchmark.throughput import COLUMNS as SPEED_COLUMNS
 from fast_dvla.benchmark.throughput import (add_override_arguments, measure, overrides_from, parse_decoders,
                                             policy_configs, policy_for, process_peak_rss_mb)
 from fast_dvla.config import METHODS
-from fast_dvla.envs.journal import EpisodeJournal, journal_path
+from fast_dvla.envs.journal import EpisodeJournal, journal_path, policy_location
 from fast_dvla.envs.rollout import libero_jobs, libero_task_envs, run_episode
 from fast_dvla.envs.sharding import parse_shard, read_shards, shard_stem
 from fast_dvla.policy import reference_policy_dir
-
-
-def policy_location(path: str | None) -> str:
-    """A policy argument as a journal keeps it: absolute, so a run resumed from another directory
-    is checked against the same policy."""
-    return os.path.abspath(path) if path else "shipped reference"
 
 
 def journal_arguments(args, configs: dict) -> dict:
@@ -201,13 +195,6 @@ def plot(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def settings_text(decode: dict) -> str:
-    """The thresholds each decoder ran with (older results hold one setting for all)."""
-    keys = ("tau_conf", "tau_add", "tau_act", "fallback_n", "vanilla_steps", "token_rule", "near_bins")
-    per_method = decode if all(isinstance(v, dict) for v in decode.values()) else {"every decoder": decode}
-    return "; ".join(f"{m}: " + ", ".join(f"{k}={c[k]}" for k in keys if k in c) for m, c in per_method.items())
-
-
 def report(result: dict, out: str) -> None:
     rows = table_rows(result)
     header = (f"# LIBERO ({result['suite']}) decoders side by side ({result['date']}, {result['machine']}, "
@@ -229,7 +216,6 @@ def report(result: dict, out: str) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("target", choices=["libero"], help="the benchmark to run")
     p.add_argument("--teacher", help="teacher policy directory (default: the shipped reference)")
     p.add_argument("--student", help="student policy directory (default: the shipped reference)")
     p.add_argument("--suite", default="libero_object")

@@ -23,3 +23,10 @@ def write_json(path: str, payload: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)
+
+
+def settings_text(decode: dict) -> str:
+    """The thresholds each decoder ran with (older results hold one setting for all)."""
+    keys = ("tau_conf", "tau_add", "tau_act", "fallback_n", "vanilla_steps", "token_rule", "near_bins")
+    per_method = decode if all(isinstance(v, dict) for v in decode.values()) else {"every decoder": decode}
+    return "; ".join(f"{m}: " + ", ".join(f"{k}={c[k]}" for k in keys if k in c) for m, c in per_method.items())

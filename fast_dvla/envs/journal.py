@@ -34,6 +34,12 @@ def observations_dir(path: str) -> str:
     return path[: -len(".jsonl")] + ".obs" if path.endswith(".jsonl") else path + ".obs"
 
 
+def policy_location(path: str | None) -> str:
+    """A policy argument as a journal keeps it: absolute, so a run resumed from another directory
+    is checked against the same policy."""
+    return os.path.abspath(path) if path else "shipped reference"
+
+
 def canonical(arguments: dict) -> dict:
     """``arguments`` as they read back from JSON (tuples become lists), so that they compare
     equal to the ones a journal holds."""

@@ -1,0 +1,14 @@
+"""``fast-dvla bench TARGET``: closed-loop benchmark of every decoder (``libero``, ``calvin``)."""
+from __future__ import annotations
+
+from fast_dvla.subcommands import add_target_parsers, run_target
+
+TARGETS = {"libero": "fast_dvla_eval.bench_libero", "calvin": "fast_dvla_eval.bench_calvin"}
+
+
+def add_arguments(p) -> None:
+    add_target_parsers(p, TARGETS)
+
+
+def main(args):
+    return run_target(args)
