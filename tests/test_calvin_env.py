@@ -121,3 +121,28 @@ def test_oracle_reports_a_subtask_only_after_it_happens():
         env.env.scene.reset(opened)  # moved by hand, as a stand-in for a policy
         _, info = env.step(np.array([0, 0, 0, 0, 0, 0, 1.0]))
         assert info["success"] is True and "open_drawer" in env.completed()
+
+
+@needs_calvin
+def test_recorded_chains_are_valid_episodes_and_resume(tmp_path):
+    from fast_dvla.data import list_episodes, read_dataset_info, read_episode
+    from fast_dvla.envs.calvin_expert import COVERED
+    from fast_dvla.envs.calvin_recorder import record_chains
+
+    out = str(tmp_path / "demos")
+    report = record_chains(out, 2, seed=0, image_size=16, action_noise=0.1)
+    assert report["chains"] == 2 and not report["errors"]
+    info = read_dataset_info(out)
+    assert info["cameras"] == list(ce.CAMERAS) and info["image_size"] == [16, 16]
+    files = list_episodes(out)
+    assert len(files) == report["demonstrations"] == sum(r["successes"] for r in report["subtasks"]) >= 2
+    for path in files:
+        ep = read_episode(path, info)
+        assert protocol.SUBTASKS[int(ep["task_id"])] in COVERED
+        assert str(ep["instruction"]) == protocol.INSTRUCTIONS[protocol.SUBTASKS[int(ep["task_id"])]]
+        assert 1 <= len(ep["action"]) <= protocol.STEPS_PER_SUBTASK
+        assert set(np.unique(ep["action"][:, 6])) <= {-1.0, 1.0}
+    again = record_chains(out, 2, seed=0, image_size=16, action_noise=0.1)  # nothing left to do
+    assert again["demonstrations"] == report["demonstrations"]
+    with pytest.raises(ValueError, match="other settings"):
+        record_chains(out, 2, seed=1, image_size=16)
