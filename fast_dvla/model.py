@@ -1,6 +1,6 @@
 """The reference dVLA: a small vision encoder, hashed instruction tokens and
-proprio in front of a transformers Llama backbone, predicting a chunk of
-discrete action tokens.
+proprio in front of a transformers decoder (Llama or Qwen2, ``ModelConfig.backbone``),
+predicting a chunk of discrete action tokens.
 
 The same weights run as the bidirectional teacher and as the block-causal
 student: only the mask differs. Nothing is downloaded: the backbone is built
@@ -12,11 +12,15 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaModel
+from transformers import LlamaConfig, LlamaModel, Qwen2Config, Qwen2Model
 
 from .attention import BACKEND_NAMES
 from .backbone import DVLAModel, TransformersBackbone
 from .schema import ConfigError, check_at_least, check_choice, check_fields, from_mapping
+
+
+# decoder family -> (transformers config class, model class); Qwen2 differs from Llama by biases on q/k/v
+BACKBONES = {"llama": (LlamaConfig, LlamaModel), "qwen2": (Qwen2Config, Qwen2Model)}
 
 
 @dataclass
@@ -37,6 +41,7 @@ class ModelConfig:
     num_kv_heads: int = 2
     intermediate_size: int = 768
     attn_backend: str = "sdpa"        # see fast_dvla.attention.BACKEND_NAMES
+    backbone: str = "llama"           # the decoder family: one of BACKBONES
 
     def __post_init__(self):
         """Every field checked by type and range (``ConfigError``, a ``ValueError``, naming it)."""
@@ -49,6 +54,7 @@ class ModelConfig:
         check_at_least(self, ("state_dim", "instr_len"), 0)
         check_at_least(self, ("instr_vocab", "n_bins"), 2)  # instruction id 0 is padding; a token needs a choice
         check_choice(self.attn_backend, BACKEND_NAMES, "attn_backend", "attention backend")
+        check_choice(self.backbone, tuple(BACKBONES), "backbone", "backbone family")
         if self.chunk_len % self.block_size:
             raise ConfigError(f"block_size {self.block_size} does not divide the chunk of "
                               f"{self.horizon} x {self.action_dim} = {self.chunk_len} tokens", "block_size")
@@ -114,7 +120,8 @@ class ReferenceDVLA(DVLAModel):
         self.state_proj = nn.Linear(config.state_dim, h) if config.state_dim > 0 else None
         self.action_embed = nn.Embedding(config.n_bins + 1, h)  # + [MASK]
         self.slot_embed = nn.Parameter(torch.zeros(config.chunk_len, h))
-        llama = LlamaConfig(
+        config_class, model_class = BACKBONES[config.backbone]
+        decoder_config = config_class(
             vocab_size=2,  # unused: the backbone reads input embeddings
             hidden_size=h, intermediate_size=config.intermediate_size,
             num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
@@ -122,7 +129,7 @@ class ReferenceDVLA(DVLAModel):
             max_position_embeddings=config.prefix_len + config.chunk_len,
             bos_token_id=None, eos_token_id=None, pad_token_id=None,
         )
-        self.backbone = TransformersBackbone(LlamaModel(llama), config.attn_backend)
+        self.backbone = TransformersBackbone(model_class(decoder_config), config.attn_backend)
         self.head = nn.Linear(h, config.n_bins)
         for p in (self.camera_embed, self.instr_pos, self.slot_embed, self.image_encoder.pos):
             nn.init.normal_(p, std=0.02)

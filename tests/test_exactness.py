@@ -182,3 +182,13 @@ def test_vanilla_cached_caching_an_incomplete_block_is_caught(monkeypatch):
     broken = []
     decode(model, prefix, config, trace=broken)
     assert _vanilla_cached_gap(broken, reference) > 1e-3
+
+
+@pytest.mark.parametrize("config", [DecodeConfig(method="fast_dvla", tau_conf=0.3),
+                                    DecodeConfig(method="block_diffusion", tau_conf=0.4)])
+def test_cached_equals_uncached_on_a_qwen2_reference_model(config):
+    """``ModelConfig.backbone="qwen2"``: biases on q/k/v through the lean path and the cache."""
+    model = tiny_model(9, sharpness=SHARP, backbone="qwen2")
+    assert type(model.backbone.decoder).__name__ == "Qwen2Model"
+    assert model.backbone.decoder.layers[0].self_attn.q_proj.bias is not None
+    assert_cached_equals_uncached(model, 9, 2, config)

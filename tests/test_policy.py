@@ -202,3 +202,18 @@ def test_ignored_state_entries_are_never_read(tmp_path):
     assert StateNormalizer.from_dict({"mean": [0.0] * 8, "std": [1.0] * 8}).ignore == ()
     with pytest.raises(ValueError, match="out of range"):
         StateNormalizer.fit(rng.normal(size=(50, 8)), ignore=[8])
+
+
+def test_the_backbone_family_is_saved_and_refused_by_name(tmp_path):
+    from fast_dvla.schema import ConfigError
+
+    model = tiny_model(0, backbone="qwen2")
+    tok = ActionTokenizer(np.full(7, -1.0), np.ones(7), model.config.n_bins)
+    FastDVLAPolicy(model, tok).save_pretrained(str(tmp_path / "q"))
+    loaded = FastDVLAPolicy.from_pretrained(str(tmp_path / "q"))
+    assert loaded.model.config.backbone == "qwen2"
+    assert type(loaded.model.backbone.decoder).__name__ == "Qwen2Model"
+    for name, p in model.state_dict().items():
+        assert torch.equal(p, loaded.model.state_dict()[name]), name
+    with pytest.raises(ConfigError, match="did you mean 'qwen2'"):
+        tiny_model(0, backbone="qwen")
