@@ -4,6 +4,8 @@ independent), latency, action tokens/s and the speedup over vanilla.
 
     fast-dvla micro-bench [--teacher DIR --student DIR] [--batch 1] [--repeats 10]
     fast-dvla micro-bench --data data/libero_object_demos_v3 --decoders vanilla,fast_dvla --repeats 48
+    fast-dvla micro-bench --random --model hidden_size=4096,num_heads=32,num_kv_heads=8,num_layers=2,\
+        intermediate_size=14336 --device cuda --dtype bf16 --attn-backend triton   # a 7B-shaped backbone slice
 
 Without checkpoints it uses the shipped LIBERO-Object reference teacher and
 student; with ``--random`` a randomly initialised model, whose near-uniform
@@ -22,6 +24,8 @@ import numpy as np
 import torch
 
 from fast_dvla import FastDVLAPolicy
+from fast_dvla.attention import BACKEND_NAMES, use_backend
+from fast_dvla.benchmark.observations import random_observation
 from fast_dvla.benchmark.report import markdown_table, write_json
 from fast_dvla.benchmark.throughput import (COLUMNS, add_override_arguments, measure, overrides_from,
                                             parse_decoders, policy_configs, process_peak_rss_mb)
@@ -32,26 +36,55 @@ from fast_dvla.policy import reference_policy_dir
 from fast_dvla.tokenizer import ActionTokenizer
 
 
-def random_policy(seed: int) -> FastDVLAPolicy:
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_model_overrides(text: str | None) -> dict:
+    """``"hidden_size=4096,num_layers=2"`` -> ``{"hidden_size": 4096, "num_layers": 2}`` (ModelConfig
+    fields, integers where they parse; ModelConfig checks names, types and ranges)."""
+    overrides = {}
+    for item in filter(None, (text or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--model takes KEY=VALUE pairs separated by commas, got {item!r}")
+        overrides[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
+    return overrides
+
+
+def random_policy(seed: int, **model_overrides) -> FastDVLAPolicy:
     torch.manual_seed(seed)
-    model = ReferenceDVLA(ModelConfig())
+    model = ReferenceDVLA(ModelConfig.from_dict(model_overrides))
     tok = ActionTokenizer(-np.ones(7), np.ones(7), gripper_dims=(6,))
     return FastDVLAPolicy(model, tok)
 
 
-def random_observation(policy: FastDVLAPolicy, batch: int, seed: int) -> dict:
-    cfg = policy.model.config
-    rng = np.random.default_rng(seed)
-    size = (batch, cfg.image_size, cfg.image_size, 3)
-    return {"images": {c: rng.integers(0, 256, size, dtype=np.uint8) for c in cfg.cameras},
-            "state": rng.normal(size=(batch, cfg.state_dim)).astype(np.float32),
-            "instruction": ["pick up the alphabet soup and place it in the basket"] * batch}
+def place(policy: FastDVLAPolicy, device: str, dtype: str, backend: str | None) -> None:
+    """Move a policy's model to ``device`` in ``dtype`` on attention ``backend`` (None: its own), in place. The
+    processor hands the model float32 inputs, so in half precision the prefix inputs are cast
+    where they enter the model (an instance attribute on this model only: the library is unchanged)."""
+    torch_dtype = DTYPES[dtype]
+    model = policy.model.to(device=device, dtype=torch_dtype)
+    if torch_dtype != torch.float32 and "embed_prefix" not in vars(model):
+        embed = model.embed_prefix
+
+        def embed_prefix(images, instr_ids, state):
+            cast = (lambda t: None if t is None else t.to(torch_dtype))
+            return embed(cast(images), instr_ids, cast(state))
+
+        model.embed_prefix = embed_prefix
+    if backend:
+        use_backend(model, backend)
 
 
 def run(args) -> dict:
     methods = parse_decoders(args.decoders)  # before any loading
     if bool(args.teacher) != bool(args.student):
         raise SystemExit("give both --teacher and --student, or neither")
+    model_overrides = parse_model_overrides(args.model)
+    if model_overrides and not args.random:
+        raise SystemExit("--model shapes a random-init model: give --random with it")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU is visible to torch here")
     if not args.teacher and not args.random:
         args.teacher, args.student = reference_policy_dir("teacher"), reference_policy_dir("student")
     if args.teacher:
@@ -59,8 +92,10 @@ def run(args) -> dict:
         student = FastDVLAPolicy.from_pretrained(args.student)
         model_desc = f"teacher={args.teacher} student={args.student}"
     else:
-        teacher = student = random_policy(args.seed)
-        model_desc = "random-init reference model (no checkpoint given)"
+        teacher = student = random_policy(args.seed, **model_overrides)
+        model_desc = "random-init reference model" + (f" ({args.model})" if model_overrides else "")
+    for policy in {id(teacher): teacher, id(student): student}.values():
+        place(policy, args.device, args.dtype, args.attn_backend)
     # each decoder with the settings saved in the policy that runs it, as bench libero does
     configs = policy_configs(methods, teacher, student, **overrides_from(args))
     if args.data:
@@ -70,7 +105,9 @@ def run(args) -> dict:
     else:
         obs = [random_observation(teacher, args.batch, args.seed + i) for i in range(args.repeats)]
     rows = measure(teacher, student, obs, configs, methods, warmup=args.warmup)
-    return {"model": model_desc, "observations": args.data or "random", "batch": args.batch, "repeats": len(obs),
+    return {"model": model_desc, "model_config": student.model.config.to_dict(), "device": args.device,
+            "dtype": args.dtype, "attn_backend": student.model.config.attn_backend,
+            "observations": args.data or "random", "batch": args.batch, "repeats": len(obs),
             "decode": {m: c.to_dict() for m, c in configs.items()},
             "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
             "peak_rss_mb": process_peak_rss_mb(), "date": datetime.date.today().isoformat(), "results": rows}
@@ -80,6 +117,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", help="teacher checkpoint directory (vanilla, fast_dllm)")
     p.add_argument("--student", help="student checkpoint directory (block_diffusion, fast_dvla, vanilla_cached)")
     p.add_argument("--random", action="store_true", help="a random-init model even if the reference is shipped")
+    p.add_argument("--model", help="with --random: ModelConfig fields as KEY=VALUE,... (e.g. hidden_size=4096,"
+                   "num_heads=32,num_kv_heads=8,num_layers=2,intermediate_size=14336)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES), help="model weights and activations")
+    p.add_argument("--attn-backend", choices=BACKEND_NAMES, help="attention backend of both models (default: each "
+                   "policy's own)")
     p.add_argument("--data", help="time on frames of these demonstrations (an episodes directory) "
                    "instead of random images")
     p.add_argument("--decoders", default=",".join(METHODS))
@@ -94,7 +137,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args) -> None:
     result = run(args)
     print(f"# micro-benchmark: {result['model']}, batch {result['batch']}, {result['repeats']} repeats, "
-          f"{result['torch_threads']} threads")
+          f"{result['device']} {result['dtype']} {result['attn_backend']}, {result['torch_threads']} threads")
     print(markdown_table(result["results"], COLUMNS))
     if args.out:
         write_json(args.out, result)
