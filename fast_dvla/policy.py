@@ -7,26 +7,17 @@ from collections import deque
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .config import DecodeConfig, check_method_settings
 from .decoding import DecodeStats, decode
-from .model import ModelConfig, ReferenceDVLA
+from .model import ReferenceDVLA
 from .processor import ObservationProcessor, StateNormalizer, batch_shape, describe_batch
-from .schema import ConfigError, check_entries, read_json, shown
+from .policy_files import (ACTION_STATS_FILE, CONFIG_FILE, CONFIG_VERSION, FORMAT, STATE_STATS_FILE, WEIGHTS_FILE,
+                           check_finite_weights, check_n_action_steps, load_action_tokenizer, load_state_norm,
+                           load_weights, read_config, state_stats_to_save, write_json_atomically)
+from .schema import read_json
 from .tokenizer import ActionTokenizer
-
-FORMAT = "fast-dvla-policy"
-CONFIG_VERSION = 1
-CONFIG_FILE, WEIGHTS_FILE, ACTION_STATS_FILE, STATE_STATS_FILE = (
-    "config.json", "model.safetensors", "action_stats.json", "state_stats.json")
-# config.json's top-level entries and their kinds; "decode", "n_action_steps" and "method_settings"
-# may be absent (the defaults, the model's horizon, none)
-CONFIG_ENTRIES = {"format": str, "version": int, "model": dict, "decode": dict, "n_action_steps": int,
-                  "method_settings": dict}
-REQUIRED_CONFIG_ENTRIES = ("format", "version", "model")
-
 
 class FastDVLAPolicy:
     """A dVLA with its tokenizer, normaliser and decoding settings.
@@ -193,127 +184,6 @@ class FastDVLAPolicy:
         method_settings = {m: v for m, v in saved_settings.items() if m != decode_config.method}
         return cls(model.to(device), action_tokenizer, state_norm, decode_config,
                    saved_steps if n_action_steps is None else n_action_steps, method_settings)
-
-
-def read_config(config, config_path: str) -> tuple[ModelConfig, DecodeConfig, int, dict]:
-    """The model settings, default decoding, ``n_action_steps`` and other decoders' settings of a
-    policy's ``config.json`` (parsed), each entry checked by name, type and range; an error names
-    ``config_path`` and the field (``config.json: model.blocksize: unknown key; ...``)."""
-    try:
-        if not isinstance(config, dict):
-            raise ConfigError(f"expected a JSON object of settings, got {shown(config)}")
-        if config.get("format") != FORMAT:
-            raise ConfigError(f"not a {FORMAT} config: expected {FORMAT!r}, got {shown(config.get('format'))}",
-                              "format")
-        check_entries(config, CONFIG_ENTRIES, REQUIRED_CONFIG_ENTRIES)
-        if config["version"] != CONFIG_VERSION:
-            raise ConfigError(f"expected {CONFIG_VERSION} (the only version this fast-dvla reads), got "
-                              f"{config['version']!r}", "version")
-        model_config = _section(ModelConfig.from_dict, config["model"], "model")
-        decode_config = _section(DecodeConfig.from_dict, config.get("decode", {}), "decode")
-        n_action_steps = config.get("n_action_steps", model_config.horizon)
-        check_n_action_steps(n_action_steps, model_config.horizon)
-        method_settings = check_method_settings(config.get("method_settings", {}), decode_config)
-    except ConfigError as e:
-        raise e.within(config_path) from None
-    return model_config, decode_config, n_action_steps, method_settings
-
-
-def _section(build, settings, name: str):
-    """``build(settings)``, its errors' fields nested under ``name``."""
-    try:
-        return build(settings)
-    except ConfigError as e:
-        raise e.within(parent=name) from None
-
-
-def check_n_action_steps(value, horizon: int) -> None:
-    """An action queue takes 1 to ``horizon`` actions of each chunk (0 is not "all of them")."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= horizon:
-        raise ConfigError(f"expected an integer in [1, {horizon}] (the model's horizon), got {shown(value)}",
-                          "n_action_steps")
-
-
-def load_weights(weights_path: str, model: ReferenceDVLA) -> dict:
-    """The tensors of ``weights_path``, checked against ``model`` (names and shapes) and for
-    non-finite values; an error names the file and the tensor."""
-    if not os.path.isfile(weights_path):
-        raise FileNotFoundError(f"no {WEIGHTS_FILE}: {weights_path} does not exist")
-    try:
-        state = load_file(weights_path)
-    except (SafetensorError, OSError) as e:
-        raise ConfigError(f"not a readable safetensors file (truncated or corrupt?): {e}", file=weights_path) from None
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ConfigError(f"does not match the model in {CONFIG_FILE}: missing {missing}, unexpected {unexpected}",
-                          file=weights_path)
-    for name, tensor in state.items():
-        if tensor.shape != expected[name].shape:
-            raise ConfigError(f"shape {tuple(tensor.shape)}, but the model in {CONFIG_FILE} has "
-                              f"{tuple(expected[name].shape)}", name, weights_path)
-    check_finite_weights(state, weights_path)
-    return state
-
-
-def check_finite_weights(state: dict, weights_path: str) -> None:
-    """No NaN or inf in any tensor: one poisons every chunk it touches, yet a chunk decoded through
-    it can still look plausible."""
-    for name, tensor in state.items():
-        if tensor.is_floating_point():
-            bad = int((~torch.isfinite(tensor)).sum())
-            if bad:
-                raise ConfigError(f"{bad} non-finite value(s) (NaN or inf) in this {tensor.dtype} tensor", name,
-                                  weights_path)
-
-
-def load_state_norm(stats_path: str, model_config: ModelConfig) -> StateNormalizer:
-    """The state statistics at ``stats_path``, checked, and against the model's ``state_dim``."""
-    try:
-        state_norm = StateNormalizer.from_dict(read_json(stats_path))
-        check_state_dim(state_norm, model_config)
-    except ConfigError as e:
-        raise e.within(stats_path) from None
-    return state_norm
-
-
-def state_stats_to_save(state_norm: StateNormalizer, model_config: ModelConfig, stats_path: str) -> dict:
-    """``state_norm`` as ``stats_path`` will hold it, refused (naming that file) where
-    ``load_state_norm`` would refuse it."""
-    try:
-        stats = state_norm.to_dict()
-        check_state_dim(state_norm, model_config)
-    except ConfigError as e:
-        raise e.within(stats_path) from None
-    return stats
-
-
-def check_state_dim(state_norm: StateNormalizer, model_config: ModelConfig) -> None:
-    entries = state_norm.mean.shape[-1]
-    if entries != model_config.state_dim:
-        raise ConfigError(f"{entries} entries, but the model in {CONFIG_FILE} has state_dim {model_config.state_dim}",
-                          "mean")
-
-
-def load_action_tokenizer(stats_path: str, model_config: ModelConfig) -> ActionTokenizer:
-    """The action statistics at ``stats_path`` (``ActionTokenizer.load`` checks them), checked
-    against the model's action dimensions and bins."""
-    tokenizer = ActionTokenizer.load(stats_path)
-    if tokenizer.action_dim != model_config.action_dim:
-        raise ConfigError(f"{tokenizer.action_dim} entries, but the model in {CONFIG_FILE} has action_dim "
-                          f"{model_config.action_dim}", "q01", stats_path)
-    if tokenizer.n_bins != model_config.n_bins:
-        raise ConfigError(f"{tokenizer.n_bins}, but the model in {CONFIG_FILE} has n_bins {model_config.n_bins}",
-                          "n_bins", stats_path)
-    return tokenizer
-
-
-def write_json_atomically(path: str, payload: dict) -> None:
-    """A kill mid-write leaves the old file, never half of a new one."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
 
 
 def reference_policy_dir(role: str, suite: str = "libero_object") -> str:
