@@ -8,9 +8,15 @@ from ..policy import FastDVLAPolicy
 from .throughput import policy_for
 
 
+def decoded_chunk(policy: FastDVLAPolicy, obs: dict, config: DecodeConfig) -> tuple[np.ndarray, np.ndarray]:
+    """``(actions [horizon, dim], their tokens)`` of the chunk ``policy`` decodes for ``obs`` with ``config``."""
+    actions = policy.predict_action_chunk(obs, config)
+    return actions, policy.action_tokenizer.encode(actions)
+
+
 def chunk_tokens(policy: FastDVLAPolicy, obs: dict, config: DecodeConfig) -> np.ndarray:
     """The action tokens of the chunk ``policy`` decodes for ``obs`` with ``config``."""
-    return policy.action_tokenizer.encode(policy.predict_action_chunk(obs, config))
+    return decoded_chunk(policy, obs, config)[1]
 
 
 def token_agreement(teacher: FastDVLAPolicy, student: FastDVLAPolicy, observations: list[dict],

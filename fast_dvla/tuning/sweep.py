@@ -14,6 +14,7 @@ import os
 import numpy as np
 from tqdm import tqdm
 
+from ..benchmark.agreement import decoded_chunk
 from ..benchmark.timing import summarize, timed
 from ..config import DecodeConfig
 from ..policy import FastDVLAPolicy
@@ -21,16 +22,10 @@ from ..policy import FastDVLAPolicy
 TEACHER_ROW = "teacher vanilla"
 
 
-def chunk_tokens(policy: FastDVLAPolicy, obs: dict, config: DecodeConfig) -> tuple[np.ndarray, np.ndarray]:
-    """``(actions [horizon, dim], their tokens)`` of the chunk ``policy`` decodes for ``obs``."""
-    actions = policy.predict_action_chunk(obs, config)
-    return actions, policy.action_tokenizer.encode(actions)
-
-
 def reference_tokens(teacher: FastDVLAPolicy, observations: list[dict], progress: bool = True) -> np.ndarray:
     """The teacher's vanilla tokens for every observation ``[N, horizon, dim]``: what agreement is against."""
     config = teacher.decode_config_for("vanilla")
-    return np.stack([chunk_tokens(teacher, o, config)[1]
+    return np.stack([decoded_chunk(teacher, o, config)[1]
                      for o in tqdm(observations, desc="teacher reference", disable=not progress)])
 
 
@@ -42,7 +37,7 @@ def fidelity(policy: FastDVLAPolicy, config: DecodeConfig, observations: list[di
     grip = list(tok.gripper_dims)
     same, nfe, query, errors, hits, grip_wrong = [], [], [], [], [], []
     for i, obs in enumerate(tqdm(observations, desc=desc, leave=False, disable=not progress)):
-        actions, tokens = chunk_tokens(policy, obs, config)
+        actions, tokens = decoded_chunk(policy, obs, config)
         nfe.append(policy.last_stats.nfe)
         query.append(policy.last_stats.query_tokens)
         same.append(tokens == reference[i])
