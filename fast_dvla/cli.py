@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "bench": ("fast_dvla_eval.bench", "closed-loop benchmark of every decoder (bench libero|calvin)"),
     "micro-bench": ("fast_dvla_eval.micro_bench", "time every decoder on the same model and inputs"),
     "profile-chunk": ("fast_dvla_eval.profile_chunk", "CPU profile of one chunk: time per model part, Python overhead"),
+    "compile-bench": ("fast_dvla_eval.compile_bench", "dynamic vs static-shape vs torch.compile decoding, per decoder"),
     "fidelity": ("fast_dvla_eval.fidelity", "open-loop fidelity of a policy on recorded demonstrations"),
     "tune": ("fast_dvla_eval.tune", "sweep a decoder's thresholds: Pareto front of speed vs fidelity, a recommendation"),
     "bench-kernels": ("fast_dvla_eval.bench_kernels", "time the attention backends on one GPU"),

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, replace
 from .schema import ConfigError, check_at_least, check_choice, check_fields, from_mapping
 
 METHODS = ("vanilla", "fast_dllm", "block_diffusion", "fast_dvla", "vanilla_cached")
+STUDENT_METHODS = ("block_diffusion", "fast_dvla", "vanilla_cached")  # decoders of the block-causal student
 SCHEDULES = ("cosine", "linear")
 TOKEN_RULES = ("argmax", "mean", "majority")
 # what torch.Generator.manual_seed accepts
@@ -77,6 +78,16 @@ class DecodeConfig:
         bin is likely, so the thresholds commit it sooner (ours).
     use_cache: False recomputes the whole sequence every forward (the exact
         reference the cached decoders are tested against).
+    static_shapes: every forward of a decode has one of two fixed shapes
+        (the first over ``[prefix | chunk]``, then the chunk alone over the
+        cached prefix), with no host read inside a step but the loop's stopping
+        test: what ``torch.compile`` and CUDA graphs need. The student's
+        decoders then recompute complete blocks instead of reading them from
+        the cache (the same tokens and logits, more query tokens); the
+        teacher's decoders have fixed shapes either way
+        (docs/design.md#static-shapes).
+    compile: run each forward through ``torch.compile`` (needs
+        ``static_shapes``, so that a decode compiles two graphs once).
     seed: seeds sampling when temperature > 0 (an integer a torch generator takes).
 
     Every field is checked on construction, by type (a bool is not a count, ``"0.5"`` is not a
@@ -97,6 +108,8 @@ class DecodeConfig:
     near_bins: int = 0
     use_cache: bool = True
     seed: int | None = None
+    static_shapes: bool = False
+    compile: bool = False
 
     def __post_init__(self):
         check_fields(self)
@@ -115,6 +128,13 @@ class DecodeConfig:
         if self.near_bins and self.temperature > 0:
             raise ConfigError("near_bins scores the committed bin's neighbourhood: it needs greedy decoding "
                               "(temperature 0)", "near_bins")
+        if self.compile and not self.static_shapes:
+            raise ConfigError("compile needs static_shapes=True (otherwise every new window shape recompiles)",
+                              "compile")
+        if self.static_shapes and self.temperature > 0 and self.method in STUDENT_METHODS:
+            raise ConfigError(f"static_shapes with {self.method!r} needs greedy decoding (temperature 0): its "
+                              "fixed window samples every slot, so the draws would differ from the dynamic "
+                              "decode's", "static_shapes")
         if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             raise ConfigError(f"expected null or an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] (what a torch "
                               f"generator takes), got {self.seed!r}", "seed")

@@ -1,6 +1,7 @@
 """Pieces every decoder shares: the windowed forward, confidences, results."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -23,11 +24,14 @@ class DecodeStats:
     def record(self, window: int, committed: torch.Tensor) -> None:
         self.nfe += 1
         self.query_tokens += window
-        self.committed_per_step.append(committed.detach().to("cpu"))
+        # kept on the device: a copy to the host here would be a synchronisation per step
+        self.committed_per_step.append(committed.detach())
 
     def committed_matrix(self) -> torch.Tensor:
-        """``[steps, B]``: tokens committed by each forward, per row."""
-        return torch.stack(self.committed_per_step) if self.committed_per_step else torch.zeros(0, 0, dtype=torch.long)
+        """``[steps, B]``: tokens committed by each forward, per row (on the host)."""
+        if not self.committed_per_step:
+            return torch.zeros(0, 0, dtype=torch.long)
+        return torch.stack(self.committed_per_step).to("cpu")
 
     def to_dict(self) -> dict:
         per_step = self.committed_matrix().float().mean(1).tolist() if self.committed_per_step else []
@@ -55,6 +59,34 @@ class NonFiniteLogitsError(FloatingPointError):
             f"weights contain NaN/inf, or its activations overflow (a half-precision model: try float32)")
 
 
+def window_logits(model: DVLAModel, embeds: torch.Tensor, positions: torch.Tensor, layout: AttentionLayout,
+                  cache: BlockKVCache | None, action_from: int) -> torch.Tensor:
+    """One forward: hidden states of the window, then the action logits of its slots from ``action_from`` on."""
+    hidden = model.backbone_forward(embeds, positions, layout, cache)
+    return model.action_logits(hidden[:, action_from:])
+
+
+_compiled_window_logits = None
+
+
+def compiled_window_logits():
+    """:func:`window_logits` through ``torch.compile``, built on first use (one per process: dynamo
+    keys its graphs on the model and the window's shape, so a static-shape decode compiles twice)."""
+    global _compiled_window_logits
+    if _compiled_window_logits is None:
+        compiled = torch.compile(window_logits, dynamic=False)
+
+        def run(*args):
+            with warnings.catch_warnings():
+                # the masks' memo (an lru_cache keyed on the frozen layout) is traced through: its
+                # result is a constant of the window, which is what a compiled static window wants
+                warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")
+                return compiled(*args)
+
+        _compiled_window_logits = run
+    return _compiled_window_logits
+
+
 class WindowForward:
     """Runs the backbone over positions ``[start, end)`` of
     ``[prefix | action chunk]`` and returns the action logits of that window.
@@ -68,8 +100,9 @@ class WindowForward:
     once, at the end of a decode.
     """
 
-    def __init__(self, model: DVLAModel, prefix: torch.Tensor, cache: BlockKVCache | None):
+    def __init__(self, model: DVLAModel, prefix: torch.Tensor, cache: BlockKVCache | None, compile: bool = False):
         self.model, self.prefix, self.cache = model, prefix, cache
+        self.logits_fn = compiled_window_logits() if compile else window_logits
         self.prefix_len = prefix.shape[1]
         self.total_len = self.prefix_len + model.chunk_len
         self.finite: list[torch.Tensor] = []       # per forward: 0-d bool, on the device
@@ -98,8 +131,7 @@ class WindowForward:
         embeds = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         positions = torch.arange(start, end, device=tokens.device)
         layout = AttentionLayout(P, self.model.block_size, start, end - start, kv_len, kind)
-        hidden = self.model.backbone_forward(embeds, positions, layout, cache)
-        logits = self.model.action_logits(hidden[:, max(start, P) - start:])
+        logits = self.logits_fn(self.model, embeds, positions, layout, cache, max(start, P) - start)
         self.finite.append(torch.isfinite(logits).all())
         self.windows.append((start, end))
         return logits

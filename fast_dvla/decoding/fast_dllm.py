@@ -8,6 +8,9 @@ cached values are stale, because in a bidirectional model every position
 sees the tokens committed since: the cache is approximate, unlike
 Fast-dVLA's. Commits: every position with confidence >= tau_conf, and at
 least the most confident one.
+
+Its forwards already have fixed shapes (the whole sequence, or one block
+over the whole cache), so ``static_shapes`` changes nothing here.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ def decode_fast_dllm(model: DVLAModel, prefix: torch.Tensor, config: DecodeConfi
     bs = config.fast_dllm_block_size or model.block_size
     total = P + L
     cache = model.new_cache(B, total) if config.use_cache else None
-    fwd = WindowForward(model, prefix, cache)
+    fwd = WindowForward(model, prefix, cache, compile=config.compile)
     gen = make_generator(config.seed, prefix.device)
     stats = DecodeStats(config.method)
     tokens = torch.full((B, L), model.mask_token_id, dtype=torch.long, device=prefix.device)

@@ -48,6 +48,28 @@ def cacheable_blocks(complete_before: torch.Tensor) -> torch.Tensor:
     return leading_complete_blocks(complete_before)
 
 
+def block_thresholds(config: DecodeConfig) -> tuple[float, float]:
+    """(tau_add, tau_act): block diffusion is the engine with both at 1."""
+    return (1.0, 1.0) if config.method == "block_diffusion" else (config.tau_add, config.tau_act)
+
+
+def add_and_activate(committed: torch.Tensor, n_added: torch.Tensor, fully_active: torch.Tensor, block_size: int,
+                     tau_add: float, tau_act: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 1 and 2 of a pipelined step, on the device: add a block to a row whose last added block is
+    ``tau_add`` decoded (the prefix counts as a complete block, so block 0 comes at once), then fully
+    activate added blocks whose predecessor is ``tau_act`` decoded (``fully_active`` updated in place).
+    Returns the new ``n_added`` ``[B]`` and the added blocks ``[B, N]``."""
+    B, N = fully_active.shape
+    frac = committed.view(B, N, block_size).float().mean(-1)
+    last = frac.gather(1, (n_added - 1).clamp(min=0)[:, None]).squeeze(1)
+    last = torch.where(n_added > 0, last, torch.ones_like(last))
+    n_added = n_added + ((n_added < N) & (last >= tau_add)).long()
+    added = torch.arange(N, device=committed.device)[None] < n_added[:, None]
+    prev_frac = torch.cat([torch.ones_like(frac[:, :1]), frac[:, :-1]], dim=1)
+    fully_active |= added & (prev_frac >= tau_act)
+    return n_added, added
+
+
 def decode_pipelined(model: DVLAModel, prefix: torch.Tensor, config: DecodeConfig,
                      trace: list | None = None, categorical=None, attention: str = BLOCK_CAUSAL) -> DecodeResult:
     """``categorical``: ``[chunk_len]`` bool, the slots where the mean and majority token rules
@@ -61,14 +83,14 @@ def decode_pipelined(model: DVLAModel, prefix: torch.Tensor, config: DecodeConfi
         raise ValueError(f"attention must be {BLOCK_CAUSAL!r} or {BIDIRECTIONAL!r}, got {attention!r}")
     if attention == BIDIRECTIONAL and config.use_cache:
         raise ValueError("bidirectional attention has no exact cache: decode it with use_cache=False")
+    if config.static_shapes:
+        return decode_pipelined_static(model, prefix, config, trace, categorical, attention)
     B, P = prefix.shape[:2]
     L, k = model.chunk_len, model.block_size
     N = L // k
     dev = prefix.device
     categorical = check_categorical(model, categorical, dev)
-    tau_add, tau_act = config.tau_add, config.tau_act
-    if config.method == "block_diffusion":
-        tau_add = tau_act = 1.0
+    tau_add, tau_act = block_thresholds(config)
 
     cache = model.new_cache(B, P + L) if config.use_cache else None
     fwd = WindowForward(model, prefix, cache)
@@ -79,21 +101,11 @@ def decode_pipelined(model: DVLAModel, prefix: torch.Tensor, config: DecodeConfi
     committed = torch.zeros(B, L, dtype=torch.bool, device=dev)
     n_added = torch.zeros(B, dtype=torch.long, device=dev)
     fully_active = torch.zeros(B, N, dtype=torch.bool, device=dev)
-    block_idx = torch.arange(N, device=dev)
-    ones = torch.ones(B, 1, device=dev)
     final_len = 0  # leading positions whose keys/values are final
 
     # NaN confidences never pass a block's threshold, so a non-finite forward ends the loop (same sync)
     while not bool(committed.all() | ~fwd.last_forward_finite()):
-        frac = committed.view(B, N, k).float().mean(-1)
-        # 1. add: the prefix counts as a complete block, so block 0 comes at once
-        last = frac.gather(1, (n_added - 1).clamp(min=0)[:, None]).squeeze(1)
-        last = torch.where(n_added > 0, last, torch.ones_like(last))
-        n_added = n_added + ((n_added < N) & (last >= tau_add)).long()
-        added = block_idx[None] < n_added[:, None]
-        # 2. activate
-        prev_frac = torch.cat([ones, frac[:, :-1]], dim=1)
-        fully_active |= added & (prev_frac >= tau_act)
+        n_added, added = add_and_activate(committed, n_added, fully_active, k, tau_add, tau_act)
         complete_before = complete_blocks(committed, k)
 
         # 3. forward over every block not yet cached
@@ -127,5 +139,53 @@ def decode_pipelined(model: DVLAModel, prefix: torch.Tensor, config: DecodeConfi
                           "complete_before": complete_before.clone(), "final_len": final_len,
                           "committed": committed.clone(), "fully_active": fully_active.clone(),
                           "n_added": n_added.clone()})
+    fwd.raise_if_nonfinite(config.method)
+    return DecodeResult(tokens, stats)
+
+
+def decode_pipelined_static(model: DVLAModel, prefix: torch.Tensor, config: DecodeConfig,
+                            trace: list | None = None, categorical=None,
+                            attention: str = BLOCK_CAUSAL) -> DecodeResult:
+    """The same decode with two fixed forward shapes (docs/design.md#static-shapes): the first over
+    ``[prefix | chunk]``, which caches the prefix, then every step over the whole chunk reading the
+    prefix from the cache. A block-causal block's logits depend only on it and the blocks before it,
+    so recomputing complete blocks and running not-yet-added ones (whose predictions are never
+    eligible) gives the dynamic decode's tokens, with every rule applied to all blocks at once.
+    The only host read inside a step is the loop's stopping test."""
+    B, P = prefix.shape[:2]
+    L, k = model.chunk_len, model.block_size
+    N = L // k
+    dev = prefix.device
+    categorical = check_categorical(model, categorical, dev)
+    tau_add, tau_act = block_thresholds(config)
+    cache = model.new_cache(B, P + L) if config.use_cache else None
+    fwd = WindowForward(model, prefix, cache, compile=config.compile)
+    gen = make_generator(config.seed, dev)
+    stats = DecodeStats(config.method)
+
+    tokens = torch.full((B, L), model.mask_token_id, dtype=torch.long, device=dev)
+    committed = torch.zeros(B, L, dtype=torch.bool, device=dev)
+    n_added = torch.zeros(B, dtype=torch.long, device=dev)
+    fully_active = torch.zeros(B, N, dtype=torch.bool, device=dev)
+    while not bool(committed.all() | ~fwd.last_forward_finite()):
+        n_added, added = add_and_activate(committed, n_added, fully_active, k, tau_add, tau_act)
+        if cache is None or not stats.nfe:
+            logits = fwd(tokens, 0, P + L, attention, use_cache=cache is not None)
+            if cache is not None:
+                cache.commit(P)  # the prefix never sees the chunk: its keys/values are final
+            query = P + L
+        else:
+            logits = fwd(tokens, P, P + L, attention, use_cache=True)
+            query = L
+        conf, pred = confidences(logits, config, gen, categorical)
+        eligible = ~committed & added.repeat_interleave(k, dim=1)
+        commit = block_threshold_commit(conf.view(B, N, k), eligible.view(B, N, k), fully_active,
+                                        config.tau_conf, config.fallback_n).view(B, L)
+        tokens = torch.where(commit, pred, tokens)
+        committed = committed | commit
+        stats.record(query, commit.sum(-1))
+        if trace is not None:
+            trace.append({"window_blocks": (0, N), "logits": logits.detach().clone(), "committed": committed.clone(),
+                          "fully_active": fully_active.clone(), "n_added": n_added.clone()})
     fwd.raise_if_nonfinite(config.method)
     return DecodeResult(tokens, stats)
