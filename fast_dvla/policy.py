@@ -12,15 +12,23 @@ from safetensors.torch import save_file
 from .config import DecodeConfig, check_method_settings
 from .decoding import DecodeStats, decode
 from .model import ReferenceDVLA
-from .processor import ObservationProcessor, StateNormalizer, batch_shape, describe_batch
-from .policy_files import (ACTION_STATS_FILE, CONFIG_FILE, CONFIG_VERSION, FORMAT, STATE_STATS_FILE, WEIGHTS_FILE,
-                           check_finite_weights, check_n_action_steps, load_action_tokenizer, load_state_norm,
-                           load_weights, read_config, state_stats_to_save, write_json_atomically)
-from .schema import read_json
+from .policy_files import (ACTION_STATS_FILE, CONFIG_FILE, CONFIG_VERSION, DEFAULT_MODEL_TYPE, FORMAT,
+                           STATE_STATS_FILE, WEIGHTS_FILE, check_finite_weights, check_n_action_steps, errors_in,
+                           load_action_tokenizer, load_state_norm, load_weights, read_config, write_file_atomically,
+                           write_json_atomically)
+from .policy_model import ReferencePolicyIO, policy_io
+from .processor import StateNormalizer, describe_batch
+from .registry import RegisteredModel, checkpoint_adapters, entry_for_model, model_entry, recognize_checkpoint
+from .schema import ConfigError, read_json
 from .tokenizer import ActionTokenizer
 
+
 class FastDVLAPolicy:
-    """A dVLA with its tokenizer, normaliser and decoding settings.
+    """A dVLA with its processing and decoding settings.
+
+    ``model`` is the reference model with its ``action_tokenizer`` and ``state_norm``, or any
+    :class:`~fast_dvla.policy_model.PolicyModel` (the Dream-VLA adapter, a model of your own), which
+    turns observations into its prefix and bins into actions itself and takes neither.
 
     ``predict_action_chunk(obs)`` decodes one chunk (``[horizon, action_dim]``,
     or ``[B, horizon, action_dim]`` for a batch); ``select_action(obs)``
@@ -32,22 +40,21 @@ class FastDVLAPolicy:
     (``decode_config_for("fast_dvla")``; the benchmarks do).
     """
 
-    def __init__(self, model: ReferenceDVLA, action_tokenizer: ActionTokenizer,
+    def __init__(self, model, action_tokenizer: ActionTokenizer | None = None,
                  state_norm: StateNormalizer | None = None, decode_config: DecodeConfig | None = None,
                  n_action_steps: int | None = None, method_settings: dict | None = None):
-        cfg = model.config
-        if action_tokenizer.action_dim != cfg.action_dim:
-            raise ValueError(f"tokenizer action_dim {action_tokenizer.action_dim} != model's {cfg.action_dim}")
-        if action_tokenizer.n_bins != cfg.n_bins:
-            raise ValueError(f"tokenizer n_bins {action_tokenizer.n_bins} != model's {cfg.n_bins}")
+        # observation -> prefix and bins -> actions, whatever the model: all the policy calls
+        self.io = policy_io(model, action_tokenizer, state_norm)
         self.model = model.eval()
-        self.action_tokenizer = action_tokenizer
-        self.state_norm = state_norm or StateNormalizer.identity(cfg.state_dim)
+        if isinstance(self.io, ReferencePolicyIO):
+            self.action_tokenizer, self.state_norm = self.io.action_tokenizer, self.io.state_norm
+            self.processor = self.io.processor
+        else:  # a PolicyModel owns these steps
+            self.action_tokenizer = self.state_norm = self.processor = None
         self.decode_config = decode_config or DecodeConfig()
         self.method_settings = check_method_settings(method_settings or {}, self.decode_config)
-        self.n_action_steps = cfg.horizon if n_action_steps is None else n_action_steps
-        check_n_action_steps(self.n_action_steps, cfg.horizon)
-        self.processor = ObservationProcessor(cfg, self.state_norm)
+        self.n_action_steps = self.io.horizon if n_action_steps is None else n_action_steps
+        check_n_action_steps(self.n_action_steps, self.io.horizon)
         self.last_stats: DecodeStats | None = None
         self._queue: deque = deque()
         self._queue_batch_shape: tuple[int, ...] = ()  # () for a single observation's actions, (B,) for a batch's
@@ -59,13 +66,10 @@ class FastDVLAPolicy:
     # -- inference ------------------------------------------------------------
     @torch.no_grad()
     def predict_action_chunk(self, obs: dict, decode_config: DecodeConfig | None = None) -> np.ndarray:
-        inputs, single = self.processor(obs, self.device)
-        prefix = self.model.embed_prefix(inputs["images"], inputs["instr_ids"], inputs["state"])
+        prefix, single = self.io.observation_prefix(obs)
         result = self.decode_prefix(prefix, decode_config or self.decode_config)
         self.last_stats = result.stats
-        cfg = self.model.config
-        tokens = result.tokens.view(-1, cfg.horizon, cfg.action_dim).cpu().numpy()
-        actions = self.action_tokenizer.decode(tokens).astype(np.float32)
+        actions = np.asarray(self.io.bins_to_actions(result.tokens.cpu().numpy()), dtype=np.float32)
         return actions[0] if single else actions
 
     def decode_config_for(self, method: str) -> DecodeConfig:
@@ -91,8 +95,7 @@ class FastDVLAPolicy:
 
     def decode_prefix(self, prefix: torch.Tensor, config: DecodeConfig):
         """One chunk of tokens from the prefix embeddings (a subclass may decode otherwise)."""
-        return decode(self.model, prefix, config,
-                      categorical=self.action_tokenizer.categorical_slots(self.model.config.horizon))
+        return decode(self.model, prefix, config, categorical=self.io.categorical_slots())
 
     @property
     def needs_chunk(self) -> bool:
@@ -108,7 +111,7 @@ class FastDVLAPolicy:
         call ``reset()`` first to start over with another batch."""
         if self._queue:
             # serving a batch's queued actions to another batch size would hand one robot another's actions
-            shape = batch_shape(obs)
+            shape = self.io.batch_shape(obs)
             if shape != self._queue_batch_shape:
                 raise ValueError(f"select_action(obs): obs is {describe_batch(shape)}, but the queued actions are "
                                  f"for {describe_batch(self._queue_batch_shape)}; call policy.reset() first "
@@ -127,63 +130,132 @@ class FastDVLAPolicy:
 
     # -- persistence ----------------------------------------------------------
     def config_dict(self) -> dict:
-        """What ``config.json`` holds for this policy: the model, the default decoder's settings,
-        those kept for other decoders, and ``n_action_steps``."""
+        """What ``config.json`` holds for this policy: the registered name of its model and the
+        settings that build it, the default decoder's settings, those kept for other decoders, and
+        ``n_action_steps``."""
         # either may have been set since construction; a default set since replaces that decoder's entry,
         # as a decode_config given to from_pretrained does
         method_settings = check_method_settings(
             {m: v for m, v in self.method_settings.items() if m != self.decode_config.method}, self.decode_config)
-        config = {"format": FORMAT, "version": CONFIG_VERSION, "model": self.model.config.to_dict(),
-                  "decode": self.decode_config.to_dict(), "n_action_steps": self.n_action_steps}
+        entry = entry_for_model(self.model)
+        config = {"format": FORMAT, "version": CONFIG_VERSION, "model_type": entry.name,
+                  "model": entry.settings(self.model), "decode": self.decode_config.to_dict(),
+                  "n_action_steps": self.n_action_steps}
         if method_settings:
             config["method_settings"] = method_settings
         return config
+
+    def _check_config(self, config: dict, config_path: str) -> None:
+        """``config`` as ``from_pretrained`` will check it, before anything is written."""
+        read_config(config, config_path)
+        try:
+            check_n_action_steps(self.n_action_steps, self.io.horizon)
+            json.dumps(config["model"], allow_nan=False)
+        except ConfigError as e:
+            raise e.within(config_path) from None
+        except (TypeError, ValueError) as e:  # a registered model's settings that JSON cannot hold
+            raise ConfigError(f"{type(self.model).__name__}.policy_settings() is not JSON: {e}", "model",
+                              config_path) from None
 
     def save_config(self, path: str) -> None:
         """Rewrite only ``path/config.json`` (how the policy decodes), checked as ``from_pretrained``
         will check it; the weights and statistics already there stay as they are."""
         config = self.config_dict()
-        read_config(config, os.path.join(path, CONFIG_FILE))
+        self._check_config(config, os.path.join(path, CONFIG_FILE))
         write_json_atomically(os.path.join(path, CONFIG_FILE), config)
 
     def save_pretrained(self, path: str, dtype: torch.dtype | None = None) -> None:
-        """``dtype`` (e.g. ``torch.float16``) stores the weights smaller; they load back in the model's dtype.
+        """``config.json`` (which registered model, its settings, how to decode), ``model.safetensors``
+        and the files the model needs besides (the reference model's action and state statistics).
+        ``dtype`` (e.g. ``torch.float16``) stores the weights smaller; they load back in the model's dtype.
         Everything is checked as ``from_pretrained`` will check it before any file is written: a
         directory that would not load is not made."""
         config = self.config_dict()
-        model_config = read_config(config, os.path.join(path, CONFIG_FILE))[0]
+        config_path, weights_path = os.path.join(path, CONFIG_FILE), os.path.join(path, WEIGHTS_FILE)
+        self._check_config(config, config_path)
         state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in self.model.state_dict().items()}
-        check_finite_weights(state, os.path.join(path, WEIGHTS_FILE))
-        state_stats = state_stats_to_save(self.state_norm, model_config, os.path.join(path, STATE_STATS_FILE))
+        check_finite_weights(state, weights_path)
+        files = self.io.policy_files(path)
+        taken = sorted(set(files) & {CONFIG_FILE, WEIGHTS_FILE})
+        if taken:
+            raise ValueError(f"{type(self.model).__name__}.policy_files() would overwrite the policy's own {taken}")
         os.makedirs(path, exist_ok=True)
-        self.action_tokenizer.save(os.path.join(path, ACTION_STATS_FILE))  # checks its statistics first
-        with open(os.path.join(path, CONFIG_FILE), "w") as f:
-            json.dump(config, f, indent=2)
-        save_file(state, os.path.join(path, WEIGHTS_FILE))
-        with open(os.path.join(path, STATE_STATS_FILE), "w") as f:
-            json.dump(state_stats, f, indent=2)
+        for name, content in files.items():
+            write_file_atomically(os.path.join(path, name), content)
+        write_json_atomically(config_path, config)
+        save_file(state, weights_path)
 
     @classmethod
     def from_pretrained(cls, path: str, decode_config: DecodeConfig | None = None, device="cpu",
-                        n_action_steps: int | None = None) -> "FastDVLAPolicy":
+                        n_action_steps: int | None = None, adapter: str | None = None,
+                        adapter_options: dict | None = None) -> "FastDVLAPolicy":
         """A policy directory, every file checked: a bad entry, tensor or statistic raises
-        ``ConfigError`` (a ``ValueError``) naming the file and the field. ``decode_config`` and
-        ``n_action_steps`` replace the saved ones."""
+        ``ConfigError`` (a ``ValueError``) naming the file and the field. Its ``config.json`` names the
+        registered model that builds it (``"model_type"``; none: ``"reference"``). ``decode_config`` and
+        ``n_action_steps`` replace the saved ones.
+
+        ``adapter`` (a registered name, e.g. ``"dream_vla"``) loads instead a checkpoint directory in
+        that model's own published format, with ``adapter_options`` for its loader (Dream-VLA:
+        ``horizon``, ``block_size``, ``dtype``, ``cameras``, ``unnorm_key``); a directory whose
+        ``config.json`` a registered model recognises loads so without it. Such a directory carries no
+        decoding settings: the model's default applies unless ``decode_config`` is given."""
         config_path = os.path.join(path, CONFIG_FILE)
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"no {CONFIG_FILE} in {path!r}: not a fast-dvla checkpoint directory")
-        model_config, saved_decode, saved_steps, saved_settings = read_config(read_json(config_path), config_path)
-        if n_action_steps is not None:
-            check_n_action_steps(n_action_steps, model_config.horizon)
-        model = ReferenceDVLA(model_config)
+        config = read_json(config_path)
+        published = _published_format(config, adapter, config_path)
+        if published is not None:
+            model = published.load_checkpoint(path, **(adapter_options or {}))
+            return cls(model.to(device), decode_config=decode_config or published.default_decode,
+                       n_action_steps=n_action_steps)
+        if adapter_options:
+            raise ValueError(f"adapter_options are for a checkpoint in a model's own format; {path!r} is a fast-dvla "
+                             "policy directory, whose config.json holds its model's settings")
+        saved = read_config(config, config_path)
+        with errors_in(config_path):
+            entry = model_entry(saved.model_type)
+        with errors_in(config_path, "model"):
+            model = entry.build(saved.model, path)
         model.load_state_dict(load_weights(os.path.join(path, WEIGHTS_FILE), model))
-        state_norm = load_state_norm(os.path.join(path, STATE_STATS_FILE), model_config)
-        action_tokenizer = load_action_tokenizer(os.path.join(path, ACTION_STATS_FILE), model_config)
-        decode_config = decode_config or saved_decode
+        action_tokenizer = state_norm = None
+        if isinstance(model, ReferenceDVLA):  # its processing lives in statistics files of its own
+            state_norm = load_state_norm(os.path.join(path, STATE_STATS_FILE), model.config)
+            action_tokenizer = load_action_tokenizer(os.path.join(path, ACTION_STATS_FILE), model.config)
+        if n_action_steps is None and saved.n_action_steps is not None:
+            with errors_in(config_path):  # the saved value, checked against the horizon of the model just built
+                check_n_action_steps(saved.n_action_steps, policy_io(model, action_tokenizer, state_norm).horizon)
+        decode_config = decode_config or saved.decode
         # a decode_config given here replaces the saved default; the other decoders keep theirs
-        method_settings = {m: v for m, v in saved_settings.items() if m != decode_config.method}
-        return cls(model.to(device), action_tokenizer, state_norm, decode_config,
-                   saved_steps if n_action_steps is None else n_action_steps, method_settings)
+        method_settings = {m: v for m, v in saved.method_settings.items() if m != decode_config.method}
+        steps = saved.n_action_steps if n_action_steps is None else n_action_steps
+        return cls(model.to(device), action_tokenizer, state_norm, decode_config, steps, method_settings)
+
+
+def _published_format(config, adapter: str | None, config_path: str) -> RegisteredModel | None:
+    """The registered model whose own published format the directory is in, or None for a fast-dvla
+    policy directory. ``adapter`` names it; without it, a registered model that recognises the
+    ``config.json`` is taken."""
+    is_policy = isinstance(config, dict) and config.get("format") == FORMAT
+    if adapter is None:
+        if is_policy or not isinstance(config, dict):  # not a JSON object: read_config says so
+            return None
+        entry = recognize_checkpoint(config)
+        if entry is None:
+            raise ConfigError(f"neither a {FORMAT} config (no \"format\": {FORMAT!r}) nor a checkpoint a registered "
+                              f"model recognises; for a model's own checkpoint format pass adapter=, one of "
+                              f"{checkpoint_adapters()}", "format", config_path)
+        return entry
+    entry = model_entry(adapter, "adapter")
+    if is_policy:
+        saved = config.get("model_type", DEFAULT_MODEL_TYPE)
+        if saved != adapter:
+            raise ConfigError(f"this fast-dvla policy directory holds a {saved!r} model, not {adapter!r}; load it "
+                              "without adapter=", "model_type", config_path)
+        return None
+    if entry.load_checkpoint is None:
+        raise ConfigError(f"{adapter!r} has no checkpoint format of its own to load; adapters that do: "
+                          f"{checkpoint_adapters()}", "adapter")
+    return entry
 
 
 def reference_policy_dir(role: str, suite: str = "libero_object") -> str:

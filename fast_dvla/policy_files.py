@@ -1,17 +1,21 @@
-"""A policy directory's files: ``config.json``, ``model.safetensors``, ``action_stats.json`` and
-``state_stats.json``, each read and checked by name, type and range (a ``ConfigError`` names the
-file and the field), and written atomically."""
+"""A policy directory's files: ``config.json``, ``model.safetensors``, and the files its model needs
+besides (the reference model's ``action_stats.json`` and ``state_stats.json``), each read and
+checked by name, type and range (a ``ConfigError`` names the file and the field), and written
+atomically."""
 from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from torch import nn
 
 from .config import DecodeConfig, check_method_settings
-from .model import ModelConfig, ReferenceDVLA
+from .model import ModelConfig
 from .processor import StateNormalizer
 from .schema import ConfigError, check_entries, read_json, shown
 from .tokenizer import ActionTokenizer
@@ -20,18 +24,30 @@ FORMAT = "fast-dvla-policy"
 CONFIG_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE, ACTION_STATS_FILE, STATE_STATS_FILE = (
     "config.json", "model.safetensors", "action_stats.json", "state_stats.json")
-# config.json's top-level entries and their kinds; "decode", "n_action_steps" and "method_settings"
-# may be absent (the defaults, the model's horizon, none)
-CONFIG_ENTRIES = {"format": str, "version": int, "model": dict, "decode": dict, "n_action_steps": int,
-                  "method_settings": dict}
+# config.json's top-level entries and their kinds; "model_type", "decode", "n_action_steps" and
+# "method_settings" may be absent ("reference", the defaults, the model's horizon, none)
+CONFIG_ENTRIES = {"format": str, "version": int, "model_type": str, "model": dict, "decode": dict,
+                  "n_action_steps": int, "method_settings": dict}
 REQUIRED_CONFIG_ENTRIES = ("format", "version", "model")
+# directories saved before models were registered hold the reference model (fast_dvla.registry)
+DEFAULT_MODEL_TYPE = "reference"
 
 
+class PolicyConfig(NamedTuple):
+    """A policy's ``config.json``, its entries checked. ``model`` is the settings the registered
+    ``model_type`` builds from (checked by that builder); ``n_action_steps`` is None when absent (the
+    model's horizon), and is checked against the horizon once the model is built."""
 
-def read_config(config, config_path: str) -> tuple[ModelConfig, DecodeConfig, int, dict]:
-    """The model settings, default decoding, ``n_action_steps`` and other decoders' settings of a
-    policy's ``config.json`` (parsed), each entry checked by name, type and range; an error names
-    ``config_path`` and the field (``config.json: model.blocksize: unknown key; ...``)."""
+    model_type: str
+    model: dict
+    decode: DecodeConfig
+    n_action_steps: int | None
+    method_settings: dict
+
+
+def read_config(config, config_path: str) -> PolicyConfig:
+    """A policy's ``config.json`` (parsed), each entry checked by name, type and range; an error
+    names ``config_path`` and the field (``config.json: decode.tau_cnf: unknown key; ...``)."""
     try:
         if not isinstance(config, dict):
             raise ConfigError(f"expected a JSON object of settings, got {shown(config)}")
@@ -42,14 +58,16 @@ def read_config(config, config_path: str) -> tuple[ModelConfig, DecodeConfig, in
         if config["version"] != CONFIG_VERSION:
             raise ConfigError(f"expected {CONFIG_VERSION} (the only version this fast-dvla reads), got "
                               f"{config['version']!r}", "version")
-        model_config = _section(ModelConfig.from_dict, config["model"], "model")
         decode_config = _section(DecodeConfig.from_dict, config.get("decode", {}), "decode")
-        n_action_steps = config.get("n_action_steps", model_config.horizon)
-        check_n_action_steps(n_action_steps, model_config.horizon)
+        n_action_steps = config.get("n_action_steps")
+        if n_action_steps is not None and n_action_steps < 1:
+            raise ConfigError(f"expected an integer >= 1 (at most the model's horizon), got {n_action_steps!r}",
+                              "n_action_steps")
         method_settings = check_method_settings(config.get("method_settings", {}), decode_config)
     except ConfigError as e:
         raise e.within(config_path) from None
-    return model_config, decode_config, n_action_steps, method_settings
+    return PolicyConfig(config.get("model_type", DEFAULT_MODEL_TYPE), config["model"], decode_config,
+                        n_action_steps, method_settings)
 
 
 def _section(build, settings, name: str):
@@ -60,6 +78,15 @@ def _section(build, settings, name: str):
         raise e.within(parent=name) from None
 
 
+@contextmanager
+def errors_in(config_path: str, parent: str | None = None):
+    """A ``ConfigError`` raised inside names ``config_path``, its field nested under ``parent``."""
+    try:
+        yield
+    except ConfigError as e:
+        raise e.within(config_path, parent) from None
+
+
 def check_n_action_steps(value, horizon: int) -> None:
     """An action queue takes 1 to ``horizon`` actions of each chunk (0 is not "all of them")."""
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= horizon:
@@ -67,7 +94,7 @@ def check_n_action_steps(value, horizon: int) -> None:
                           "n_action_steps")
 
 
-def load_weights(weights_path: str, model: ReferenceDVLA) -> dict:
+def load_weights(weights_path: str, model: nn.Module) -> dict:
     """The tensors of ``weights_path``, checked against ``model`` (names and shapes) and for
     non-finite values; an error names the file and the tensor."""
     if not os.path.isfile(weights_path):
@@ -143,7 +170,16 @@ def load_action_tokenizer(stats_path: str, model_config: ModelConfig) -> ActionT
 
 def write_json_atomically(path: str, payload: dict) -> None:
     """A kill mid-write leaves the old file, never half of a new one."""
+    write_file_atomically(path, payload)
+
+
+def write_file_atomically(path: str, content: dict | str) -> None:
+    """``content`` at ``path``: a mapping as indented JSON, a string as text (UTF-8). A kill mid-write
+    leaves the old file, never half of a new one."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
+    with open(tmp, "w", encoding="utf-8") as f:
+        if isinstance(content, str):
+            f.write(content)
+        else:
+            json.dump(content, f, indent=2)
     os.replace(tmp, path)

@@ -113,10 +113,16 @@ class ActionTokenizer:
 
     def save(self, path: str) -> None:
         """Writes ``path`` (``action_stats.json``), refusing first, naming it, what ``load`` would refuse."""
-        data = self.to_dict()
-        self._check_saved(data, path)
+        data = self.to_saved_dict(path)
         with open(path, "w") as f:
             json.dump(data, f, indent=2)
+
+    def to_saved_dict(self, path: str) -> dict:
+        """The statistics as ``path`` will hold them, refused (naming it) where ``load`` would refuse
+        them: a policy checks every file before it writes any."""
+        data = self.to_dict()
+        self._check_saved(data, path)
+        return data
 
     @classmethod
     def load(cls, path: str) -> "ActionTokenizer":

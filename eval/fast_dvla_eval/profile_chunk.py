@@ -75,7 +75,7 @@ def instrumented(policies):
 
     for policy in {id(p): p for p in policies}.values():
         model = policy.model
-        wrap_attr(policy, "processor", "prefix")
+        wrap_attr(policy.io, "processor", "prefix")  # what the policy calls for a reference model's observation
         wrap_attr(model, "embed_prefix", "prefix")
         wrap_attr(model, "new_cache", "cache")
         wrap_attr(model.head, "forward", "head")
