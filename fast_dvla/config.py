@@ -9,6 +9,7 @@ from .schema import ConfigError, check_at_least, check_choice, check_fields, fro
 METHODS = ("vanilla", "fast_dllm", "block_diffusion", "fast_dvla", "vanilla_cached")
 STUDENT_METHODS = ("block_diffusion", "fast_dvla", "vanilla_cached")  # decoders of the block-causal student
 SCHEDULES = ("cosine", "linear")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 TOKEN_RULES = ("argmax", "mean", "majority")
 # what torch.Generator.manual_seed accepts
 SEED_RANGE = (-2 ** 63, 2 ** 64 - 1)
@@ -88,6 +89,9 @@ class DecodeConfig:
         (docs/design.md#static-shapes).
     compile: run each forward through ``torch.compile`` (needs
         ``static_shapes``, so that a decode compiles two graphs once).
+    compile_mode: ``torch.compile``'s mode: ``default``, ``reduce-overhead``
+        (CUDA graphs on a GPU: the step replayed with one launch) or
+        ``max-autotune``.
     seed: seeds sampling when temperature > 0 (an integer a torch generator takes).
 
     Every field is checked on construction, by type (a bool is not a count, ``"0.5"`` is not a
@@ -110,6 +114,7 @@ class DecodeConfig:
     seed: int | None = None
     static_shapes: bool = False
     compile: bool = False
+    compile_mode: str = "default"
 
     def __post_init__(self):
         check_fields(self)
@@ -128,6 +133,9 @@ class DecodeConfig:
         if self.near_bins and self.temperature > 0:
             raise ConfigError("near_bins scores the committed bin's neighbourhood: it needs greedy decoding "
                               "(temperature 0)", "near_bins")
+        check_choice(self.compile_mode, COMPILE_MODES, "compile_mode", "torch.compile mode")
+        if self.compile_mode != "default" and not self.compile:
+            raise ConfigError(f"compile_mode {self.compile_mode!r} needs compile=True", "compile_mode")
         if self.compile and not self.static_shapes:
             raise ConfigError("compile needs static_shapes=True (otherwise every new window shape recompiles)",
                               "compile")

@@ -18,6 +18,9 @@ on them, the attention benchmark and every decoder's latency, in one summary.
 5. ``micro_bench``: ``fast-dvla micro-bench``, every decoder, for the shipped pair
    (fp32) and for a 7B-shaped backbone slice (hidden 4096, 32 heads, 8 KV heads,
    2 layers, bf16), on each attention backend that runs.
+6. ``static_graphs``: ``fast-dvla compile-bench`` on the shipped pair: every decoder
+   dynamic, static-shape and compiled with ``reduce-overhead`` (CUDA graphs), equal
+   actions and no recompiles required.
 
 A failing step is recorded with its error and the next step runs; the summary
 (``summary.json``, ``summary.md``) is rewritten after every step, so a run cut
@@ -270,8 +273,34 @@ def step_micro_bench(ctx: dict) -> dict:
     return result
 
 
+def step_static_graphs(ctx: dict) -> dict:
+    """Every decoder of the shipped pair dynamic, static-shape and compiled; on the GPU compiled with
+    ``reduce-overhead``, i.e. replayed as CUDA graphs (graphs inductor declined to record are counted)."""
+    from fast_dvla_eval import compile_bench
+
+    parser = argparse.ArgumentParser()
+    compile_bench.add_arguments(parser)
+    if ctx["dry_run"]:  # the tiny random model as both policies: compiling the shipped pair takes a minute here
+        tiny = os.path.join(ctx["out"], "tiny_policy")
+        ctx["student"]().save_pretrained(tiny)
+        argv = ["--teacher", tiny, "--student", tiny, "--decoders", "vanilla,fast_dvla", "--repeats", "1",
+                "--warmup", "1", "--warm-compile-cache"]
+    else:
+        argv = ["--device", "cuda", "--compile-mode", "reduce-overhead", "--repeats", "20", "--warmup", "3"]
+    args = parser.parse_args(argv)
+    args.argv = argv
+    result = compile_bench.run(args)
+    result["markdown"] = compile_bench.markdown(result)
+    mismatched = {r["method"] for r in result["results"] if r["frames_with_token_mismatch"]}
+    recompiled = {r["method"] for r in result["results"] if r["recompiles"]}
+    if mismatched or recompiled:
+        raise CheckFailed(f"modes disagree for {sorted(mismatched)}; recompiled while timing: {sorted(recompiled)}",
+                          result)
+    return result
+
+
 STEPS = [("environment", step_environment), ("kernel_check", step_kernel_check), ("engine_check", step_engine_check),
-         ("bench_kernels", step_bench_kernels), ("micro_bench", step_micro_bench)]
+         ("bench_kernels", step_bench_kernels), ("micro_bench", step_micro_bench), ("static_graphs", step_static_graphs)]
 
 
 class CheckFailed(Exception):
@@ -316,6 +345,9 @@ def render(summary: dict) -> str:
     for run in details.get("micro_bench", {}).get("runs", []):
         lines += ["", f"## Decoders: {run['name']}", "", f"`fast-dvla micro-bench {' '.join(run['argv'])}`", ""]
         lines.append(run.get("markdown") or f"failed: {run.get('error')}")
+    if details.get("static_graphs", {}).get("markdown"):
+        lines += ["", "## Static shapes and CUDA graphs (compile-bench)", "",
+                  details["static_graphs"]["markdown"].split("\n", 2)[-1].strip()]
     return "\n".join(lines) + "\n"
 
 

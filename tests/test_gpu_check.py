@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = ["environment", "kernel_check", "engine_check", "bench_kernels", "micro_bench"]
+STEPS = ["environment", "kernel_check", "engine_check", "bench_kernels", "micro_bench", "static_graphs"]
 
 
 def test_gpu_check_dry_run_writes_every_step_ok(tmp_path):
@@ -28,6 +28,10 @@ def test_gpu_check_dry_run_writes_every_step_ok(tmp_path):
     assert all(r["ok"] and r["kv_heads"] < r["q_heads"] and len(set(r["cache_lens"])) > 1 for r in kernel_rows)
     assert all(r["tokens_equal"] for r in steps["engine_check"]["rows"])
     assert [r["name"] for r in steps["micro_bench"]["runs"]] and all(r["rows"] for r in steps["micro_bench"]["runs"])
+    graphs = {(r["method"], r["mode"]): r for r in steps["static_graphs"]["results"]}
+    assert {mode for _, mode in graphs} == {"dynamic", "static", "compiled"}
+    assert all(r["frames_with_token_mismatch"] == 0 for r in graphs.values())
+    assert graphs["fast_dvla", "compiled"]["recompiles"] == 0
     for name in ("kernels.json", "kernels.md", "summary.md"):
         assert (out / name).stat().st_size > 0, name
     table = (out / "summary.md").read_text()

@@ -173,6 +173,10 @@ def test_static_shapes_refuses_what_it_cannot_do():
     with pytest.raises(ConfigError, match="static_shapes"):
         DecodeConfig(method="fast_dvla", static_shapes=True, temperature=1.0)
     DecodeConfig(method="vanilla", static_shapes=True, temperature=1.0)  # the teacher's shapes are fixed anyway
+    with pytest.raises(ConfigError, match="compile_mode"):
+        DecodeConfig(static_shapes=True, compile_mode="reduce-overhead")  # a mode without compile=True
+    with pytest.raises(ConfigError, match="compile_mode"):
+        DecodeConfig(static_shapes=True, compile=True, compile_mode="fast")
 
 
 def test_compiled_static_decode_equals_eager_without_recompiling():

@@ -35,7 +35,7 @@ from fast_dvla.benchmark.report import markdown_table, write_json
 from fast_dvla.benchmark.syncs import HostSyncCounter
 from fast_dvla.benchmark.throughput import parse_decoders, policy_configs, policy_for
 from fast_dvla.benchmark.timing import summarize, timed
-from fast_dvla.config import METHODS
+from fast_dvla.config import COMPILE_MODES, METHODS
 from fast_dvla.data.episodes import list_episodes, read_dataset_info, read_episode
 from fast_dvla.policy import reference_policy_dir
 
@@ -47,8 +47,10 @@ COLUMNS = [("method", "decoder", "s"), ("mode", "mode", "s"), ("nfe", "NFE/chunk
            ("recompiles", "graphs compiled while timing", "d")]
 
 
-def mode_config(config, mode: str):
-    return config.replace(static_shapes=mode != "dynamic", compile=mode == "compiled")
+def mode_config(config, mode: str, compile_mode: str = "default"):
+    compiled = mode == "compiled"
+    return config.replace(static_shapes=mode != "dynamic", compile=compiled,
+                          compile_mode=compile_mode if compiled else "default")
 
 
 def episode_observations(root: str, n: int, stride: int) -> list[dict]:
@@ -66,6 +68,13 @@ def compiled_graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+def cudagraph_skips() -> int:
+    """Graphs inductor did not record as CUDA graphs (``reduce-overhead`` on a GPU), with its reasons logged."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_skips"]
+
+
 def run(args) -> dict:
     methods = parse_decoders(args.decoders)
     torch.set_num_threads(args.threads)
@@ -73,13 +82,17 @@ def run(args) -> dict:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fast_dvla_inductor_")
     args.teacher = args.teacher or reference_policy_dir("teacher")
     args.student = args.student or reference_policy_dir("student")
-    teacher, student = FastDVLAPolicy.from_pretrained(args.teacher), FastDVLAPolicy.from_pretrained(args.student)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU is visible to torch here")
+    teacher = FastDVLAPolicy.from_pretrained(args.teacher, device=args.device)
+    student = FastDVLAPolicy.from_pretrained(args.student, device=args.device)
     if args.episode:
         obs = episode_observations(args.episode, args.repeats, args.stride)
     else:
         obs = [random_observation(teacher, 1, args.seed + i) for i in range(args.repeats)]
     base = policy_configs(methods, teacher, student)
-    configs = {(m, mode): mode_config(base[m], mode) for m in methods for mode in MODES}
+    configs = {(m, mode): mode_config(base[m], mode, args.compile_mode) for m in methods for mode in MODES}
+    device = teacher.device
 
     compile_s, graphs = {}, {}
     for (m, mode), config in configs.items():  # warm-up; compiled: time its first chunks, less an eager one
@@ -89,7 +102,7 @@ def run(args) -> dict:
         for _ in range(args.warmup):
             policy.predict_action_chunk(obs[0], config)
         if mode == "compiled":
-            _, eager = timed(lambda: policy.predict_action_chunk(obs[0], configs[m, "static"]))
+            _, eager = timed(lambda: policy.predict_action_chunk(obs[0], configs[m, "static"]), device)
             compile_s[m] = time.perf_counter() - start - eager * (args.warmup + 1)
             graphs[m] = compiled_graphs() - before
 
@@ -103,7 +116,7 @@ def run(args) -> dict:
             actions = {}
             for mode in MODES:
                 before = compiled_graphs()
-                chunk, dt = timed(lambda: policy.predict_action_chunk(o, configs[m, mode]))
+                chunk, dt = timed(lambda: policy.predict_action_chunk(o, configs[m, mode]), device)
                 recompiles[m] += compiled_graphs() - before
                 times[m, mode].append(dt)
                 actions[mode] = chunk
@@ -133,7 +146,8 @@ def run(args) -> dict:
                          "frames_with_token_mismatch": mismatches[m]})
     return {"command": "fast-dvla compile-bench " + shlex.join(args.argv), "teacher": os.path.relpath(args.teacher),
             "student": os.path.relpath(args.student), "observations": args.episode or "random", "frames": len(obs),
-            "torch": torch.__version__, "cold_compile_cache": not args.warm_compile_cache, "torch_threads": torch.get_num_threads(),
+            "device": str(device), "compile_mode": args.compile_mode,
+            "cudagraph_skips": cudagraph_skips(), "torch": torch.__version__, "cold_compile_cache": not args.warm_compile_cache, "torch_threads": torch.get_num_threads(),
             "machine": platform.processor() or platform.machine(), "date": datetime.date.today().isoformat(),
             "results": rows}
 
@@ -141,7 +155,9 @@ def run(args) -> dict:
 def markdown(result: dict) -> str:
     lines = [f"# Dynamic vs static-shape vs compiled decoding ({result['date']})", "",
              f"`{result['command']}`", "",
-             f"{result['frames']} frames ({result['observations']}), torch {result['torch']}, "
+             f"{result['frames']} frames ({result['observations']}), {result.get('device', 'cpu')}, compile mode "
+             f"{result.get('compile_mode', 'default')} (graphs not recorded as CUDA graphs: "
+             f"{result.get('cudagraph_skips', 0)}), torch {result['torch']}, "
              f"{result['torch_threads']} threads, {result['machine']}. Teacher `{result['teacher']}`, "
              f"student `{result['student']}`. Compile time: the compiled mode's warm-up less eager time "
              f"({'cold' if result.get('cold_compile_cache') else 'warm'} inductor cache); a decoder with none "
@@ -163,6 +179,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stride", type=int, default=8, help="with --episode: every STRIDE-th frame (a chunk's steps)")
     p.add_argument("--repeats", type=int, default=20, help="frames timed")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                   help="torch.compile mode of the compiled mode (reduce-overhead: CUDA graphs on a GPU)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier timings)")
     p.add_argument("--warm-compile-cache", action="store_true", help="use inductor's on-disk cache as found "
                    "(default: a fresh one, so the compile time is a cold start's)")

@@ -66,15 +66,15 @@ def window_logits(model: DVLAModel, embeds: torch.Tensor, positions: torch.Tenso
     return model.action_logits(hidden[:, action_from:])
 
 
-_compiled_window_logits = None
+_compiled_window_logits: dict = {}
 
 
-def compiled_window_logits():
-    """:func:`window_logits` through ``torch.compile``, built on first use (one per process: dynamo
-    keys its graphs on the model and the window's shape, so a static-shape decode compiles twice)."""
-    global _compiled_window_logits
-    if _compiled_window_logits is None:
-        compiled = torch.compile(window_logits, dynamic=False)
+def compiled_window_logits(mode: str = "default"):
+    """:func:`window_logits` through ``torch.compile`` in ``mode``, built on first use (one per mode and
+    process: dynamo keys its graphs on the model and the window's shape, so a static-shape decode
+    compiles twice). ``reduce-overhead`` records CUDA graphs on a GPU."""
+    if mode not in _compiled_window_logits:
+        compiled = torch.compile(window_logits, dynamic=False, mode=mode)
 
         def run(*args):
             with warnings.catch_warnings():
@@ -83,8 +83,13 @@ def compiled_window_logits():
                 warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")
                 return compiled(*args)
 
-        _compiled_window_logits = run
-    return _compiled_window_logits
+        _compiled_window_logits[mode] = run
+    return _compiled_window_logits[mode]
+
+
+def compile_mode(config: DecodeConfig) -> str | None:
+    """The ``torch.compile`` mode ``config`` asks the forwards to run in, or None for eager."""
+    return config.compile_mode if config.compile else None
 
 
 class WindowForward:
@@ -100,9 +105,10 @@ class WindowForward:
     once, at the end of a decode.
     """
 
-    def __init__(self, model: DVLAModel, prefix: torch.Tensor, cache: BlockKVCache | None, compile: bool = False):
+    def __init__(self, model: DVLAModel, prefix: torch.Tensor, cache: BlockKVCache | None, compile: str | None = None):
+        """``compile``: a ``torch.compile`` mode to run the forwards through, or None (eager)."""
         self.model, self.prefix, self.cache = model, prefix, cache
-        self.logits_fn = compiled_window_logits() if compile else window_logits
+        self.logits_fn = compiled_window_logits(compile) if compile else window_logits
         self.prefix_len = prefix.shape[1]
         self.total_len = self.prefix_len + model.chunk_len
         self.finite: list[torch.Tensor] = []       # per forward: 0-d bool, on the device

@@ -19,8 +19,8 @@ import torch
 from ..backbone import DVLAModel
 from ..config import DecodeConfig
 from ..masks import BIDIRECTIONAL
-from .common import (DecodeResult, DecodeStats, WindowForward, categorical_window, check_categorical, confidences,
-                     make_generator)
+from .common import (DecodeResult, DecodeStats, WindowForward, categorical_window, check_categorical, compile_mode,
+                     confidences, make_generator)
 from .unmask import threshold_or_top1_commit
 
 
@@ -34,7 +34,7 @@ def decode_fast_dllm(model: DVLAModel, prefix: torch.Tensor, config: DecodeConfi
     bs = config.fast_dllm_block_size or model.block_size
     total = P + L
     cache = model.new_cache(B, total) if config.use_cache else None
-    fwd = WindowForward(model, prefix, cache, compile=config.compile)
+    fwd = WindowForward(model, prefix, cache, compile=compile_mode(config))
     gen = make_generator(config.seed, prefix.device)
     stats = DecodeStats(config.method)
     tokens = torch.full((B, L), model.mask_token_id, dtype=torch.long, device=prefix.device)

@@ -24,8 +24,8 @@ import torch
 from ..backbone import DVLAModel
 from ..config import DecodeConfig
 from ..masks import BIDIRECTIONAL, BLOCK_CAUSAL
-from .common import (DecodeResult, DecodeStats, WindowForward, categorical_window, check_categorical, confidences,
-                     make_generator)
+from .common import (DecodeResult, DecodeStats, WindowForward, categorical_window, check_categorical, compile_mode,
+                     confidences, make_generator)
 from .unmask import block_threshold_commit
 
 
@@ -159,7 +159,7 @@ def decode_pipelined_static(model: DVLAModel, prefix: torch.Tensor, config: Deco
     categorical = check_categorical(model, categorical, dev)
     tau_add, tau_act = block_thresholds(config)
     cache = model.new_cache(B, P + L) if config.use_cache else None
-    fwd = WindowForward(model, prefix, cache, compile=config.compile)
+    fwd = WindowForward(model, prefix, cache, compile=compile_mode(config))
     gen = make_generator(config.seed, dev)
     stats = DecodeStats(config.method)
 

@@ -20,8 +20,8 @@ import torch
 from ..backbone import DVLAModel
 from ..config import DecodeConfig
 from ..masks import BIDIRECTIONAL, BLOCK_CAUSAL
-from .common import (DecodeResult, DecodeStats, WindowForward, categorical_window, check_categorical, confidences,
-                     make_generator)
+from .common import (DecodeResult, DecodeStats, WindowForward, categorical_window, check_categorical, compile_mode,
+                     confidences, make_generator)
 from .pipelined import complete_blocks, leading_complete_blocks
 from .unmask import masked_after_step, topk_commit
 
@@ -36,7 +36,7 @@ def decode_vanilla(model: DVLAModel, prefix: torch.Tensor, config: DecodeConfig,
     student = config.method == "vanilla_cached"
     cached = student and config.use_cache
     static = student and config.static_shapes
-    fwd = WindowForward(model, prefix, model.new_cache(B, P + L) if cached else None, compile=config.compile)
+    fwd = WindowForward(model, prefix, model.new_cache(B, P + L) if cached else None, compile=compile_mode(config))
     gen = make_generator(config.seed, prefix.device)
     stats = DecodeStats(config.method)
     tokens = torch.full((B, L), model.mask_token_id, dtype=torch.long, device=prefix.device)
