@@ -24,11 +24,17 @@ class DVLAModel(nn.Module):
     Subclasses set ``chunk_len`` (action tokens per chunk), ``block_size``,
     ``n_bins`` (action vocabulary; ``mask_token_id == n_bins``) and
     implement the methods below.
+
+    ``supports_padding``: set it True once ``backbone_forward`` takes per-row
+    positions ``[B, Q]`` and attends as a layout with ``pad_lens`` says (its
+    ``dense_mask`` already does); only then does ``decode`` take a
+    ``prefix_mask`` with padded rows (docs/design.md#padded-batches).
     """
 
     chunk_len: int
     block_size: int
     n_bins: int
+    supports_padding: bool = False
 
     @property
     def mask_token_id(self) -> int:
@@ -45,7 +51,9 @@ class DVLAModel(nn.Module):
     def backbone_forward(self, embeds: torch.Tensor, positions: torch.Tensor, layout: AttentionLayout,
                          cache: BlockKVCache | None) -> torch.Tensor:
         """``embeds [B, Q, H]`` at absolute ``positions [Q]`` -> hidden ``[B, Q, H]``, attending as ``layout``
-        says (e.g. ``layout.dense_mask(device)``, the boolean ``[1, 1, Q, K]`` mask)."""
+        says (e.g. ``layout.dense_mask(device)``, the boolean ``[1, 1, Q, K]`` mask). A padded batch
+        (``layout.pad_lens``, only if ``supports_padding``) has per-row positions ``[B, Q]`` and a
+        ``[B, 1, Q, K]`` mask."""
         raise NotImplementedError
 
     def action_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -54,6 +62,16 @@ class DVLAModel(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int) -> BlockKVCache:
         raise NotImplementedError
+
+    def lora_target(self) -> nn.Module:
+        """The decoder stack whose linear layers a LoRA student adapts (``fast_dvla.training.lora``): by
+        default ``self.backbone.decoder`` (a :class:`TransformersBackbone`'s); a model built otherwise
+        returns its own."""
+        backbone = getattr(self, "backbone", None)
+        if not isinstance(getattr(backbone, "decoder", None), nn.Module):
+            raise NotImplementedError(f"{type(self).__name__}.lora_target(): return the decoder module a LoRA "
+                                      "adapter goes into (it has no backbone.decoder)")
+        return backbone.decoder
 
 
 # decoders whose layers are exactly: norm -> q/k/v -> RoPE -> attention -> o -> residual ->
@@ -102,7 +120,8 @@ class TransformersBackbone(nn.Module):
     only ``attention_mask`` and adds it to the scores, so it gets the
     layout's additive mask, the others its dense boolean mask. transformers
     returns a 4D mask unchanged, so the block-causal rule is never replaced
-    by its token-causal default. Llama-layout decoders
+    by its token-causal default. Padded batches come as per-row positions
+    and a layout with ``pad_lens`` (its masks hide the padding). Llama-layout decoders
     (:data:`LEAN_DECODERS`) run through :func:`lean_forward` unless
     ``lean=False``; tests check that both paths agree.
     """
@@ -144,7 +163,8 @@ class TransformersBackbone(nn.Module):
         else:
             mask = layout.dense_mask(embeds.device)
             kwargs["fast_dvla_layout"] = layout
-        position_ids = positions.reshape(1, -1).expand(embeds.shape[0], -1)
+        # [Q] for every row alike, or [B, Q] per row (a padded batch's real tokens start at 0 in each row)
+        position_ids = positions.reshape(1, -1).expand(embeds.shape[0], -1) if positions.dim() == 1 else positions
         if self.lean:
             return lean_forward(self.decoder, embeds, position_ids, mask, cache, **kwargs)
         out = self.decoder(inputs_embeds=embeds, position_ids=position_ids, attention_mask=mask,

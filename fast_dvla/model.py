@@ -8,7 +8,7 @@ from a config.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -106,6 +106,8 @@ class ImageEncoder(nn.Module):
 
 
 class ReferenceDVLA(DVLAModel):
+    supports_padding = True  # TransformersBackbone takes per-row positions and the layout's padding
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config

@@ -1,8 +1,10 @@
-"""Models for tests: a tiny real reference dVLA and a model whose
-confidences the test controls."""
+"""Models for tests: a tiny real reference dVLA (also with absolute
+positions), a model whose confidences the test controls, and batches of
+prefixes of different lengths."""
 from __future__ import annotations
 
 import math
+import random
 
 import torch
 
@@ -14,7 +16,8 @@ TINY = dict(image_size=16, image_grid=2, instr_len=4, hidden_size=64, num_layers
             num_kv_heads=2, intermediate_size=128, horizon=4, action_dim=7, block_size=7)
 
 
-def tiny_model(seed: int = 0, sharpness: float = 1.0, attention_gain: float = 2.0, **overrides) -> ReferenceDVLA:
+def tiny_model(seed: int = 0, sharpness: float = 1.0, attention_gain: float = 2.0, model_class=None,
+               **overrides) -> ReferenceDVLA:
     """A random tiny reference dVLA; ``sharpness`` scales the head so that
     confidences spread over [0, 1] instead of sitting near 1/256.
 
@@ -22,9 +25,12 @@ def tiny_model(seed: int = 0, sharpness: float = 1.0, attention_gain: float = 2.
     ``gain / sqrt(fan_in)``: at transformers' std of 0.02 attention adds next
     to nothing to the residual stream, so every row of a batch decoded to
     (nearly) the same tokens whatever its prefix, and per-row state went
-    untested. At 2 the rows of ``random_prefix`` differ in most tokens."""
+    untested. At 2 the rows of ``random_prefix`` differ in most tokens.
+
+    ``model_class``: a subclass of ``ReferenceDVLA`` to build instead (e.g.
+    :class:`AbsolutePositionDVLA`)."""
     torch.manual_seed(seed)
-    model = ReferenceDVLA(ModelConfig(**{**TINY, **overrides})).eval()
+    model = (model_class or ReferenceDVLA)(ModelConfig(**{**TINY, **overrides})).eval()
     redraw_attention(model, attention_gain)
     with torch.no_grad():
         model.head.weight.mul_(sharpness)
@@ -39,6 +45,38 @@ def redraw_attention(model: DVLAModel, gain: float) -> None:
         attn = layer.self_attn
         for projection in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
             projection.weight.normal_(0.0, gain / math.sqrt(projection.in_features))
+
+
+class AbsolutePositionDVLA(ReferenceDVLA):
+    """The reference model with a learned absolute position embedding added to the backbone's input,
+    as GPT-2 has. RoPE alone makes attention depend only on position differences, so shifting every
+    position of a row changes nothing but rounding; this model's output depends on where each token
+    sits, so it tells a padded row whose positions were not shifted back from the row alone."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.position_embed = torch.nn.Embedding(config.prefix_len + config.chunk_len, config.hidden_size)
+        torch.nn.init.normal_(self.position_embed.weight, std=0.5)
+
+    def backbone_forward(self, embeds, positions, layout, cache):
+        return super().backbone_forward(embeds + self.position_embed(positions), positions, layout, cache)
+
+
+def left_padded_batch(model: ReferenceDVLA, batch: int, seed: int = 0, padding: float = 100.0):
+    """Prefixes with different numbers of real tokens, left-padded to the model's prefix length.
+
+    Returns ``(prefix [B, P, H], prefix_mask [B, P], lengths)``: row ``b``'s real tokens are the last
+    ``lengths[b]`` of ``random_prefix``'s row ``b`` (the first row keeps all ``P``, the others a random,
+    distinct, shorter length), and its padding slots hold ``padding`` times random normal noise (NaN
+    where ``padding`` is NaN), which no query may see."""
+    prefix = random_prefix(model, batch, seed)
+    P = prefix.shape[1]
+    if batch > P:
+        raise ValueError(f"{batch} rows need {batch} distinct lengths, the prefix has {P} slots")
+    lengths = [P] + random.Random(seed).sample(range(1, P), batch - 1)
+    mask = torch.arange(P)[None, :] >= torch.tensor([P - n for n in lengths])[:, None]
+    noise = torch.randn(prefix.shape, generator=torch.Generator().manual_seed(seed)) * padding
+    return torch.where(mask[..., None], prefix, noise), mask, lengths
 
 
 def random_prefix(model: ReferenceDVLA, batch: int, seed: int = 0) -> torch.Tensor:

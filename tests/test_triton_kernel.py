@@ -34,15 +34,17 @@ def rule_mask(cache_len: int, n_q: int, block_size: int, in_flight: str = "block
     return (j < 0) | (torch.div(j, block_size, rounding_mode="floor") <= i // block_size)
 
 
-def reference(q, k, v, cache_lens, block_size, in_flight="block_causal"):
-    """fp32 SDPA per batch row (ragged lengths) on the dense mask, kv heads repeated."""
+def reference(q, k, v, cache_lens, block_size, in_flight="block_causal", key_starts=None):
+    """fp32 SDPA per batch row (ragged lengths) on the dense mask, kv heads repeated; with
+    ``key_starts``, row ``b``'s slots before ``key_starts[b]`` are left out (padding)."""
     groups = q.shape[1] // k.shape[1]
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-    for b, c in enumerate(cache_lens.tolist()):
+    starts = [0] * len(cache_lens) if key_starts is None else key_starts.tolist()
+    for b, (c, s) in enumerate(zip(cache_lens.tolist(), starts)):
         n = c + q.shape[2]
-        kk = k[b:b + 1, :, :n].float().repeat_interleave(groups, 1)
-        vv = v[b:b + 1, :, :n].float().repeat_interleave(groups, 1)
-        mask = rule_mask(c, q.shape[2], block_size, in_flight).to(q.device)
+        kk = k[b:b + 1, :, s:n].float().repeat_interleave(groups, 1)
+        vv = v[b:b + 1, :, s:n].float().repeat_interleave(groups, 1)
+        mask = rule_mask(c, q.shape[2], block_size, in_flight)[:, s:].to(q.device)
         out[b:b + 1] = F.scaled_dot_product_attention(q[b:b + 1].float(), kk, vv, attn_mask=mask)
     return out
 
@@ -115,6 +117,25 @@ def test_engine_dense_mask_equals_the_kernel():
     assert max_err(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_key_starts_skip_each_rows_padding(dtype):
+    """Left-padded rows (docs/design.md#padded-batches): slots before a row's key start are NaN here, so
+    any read of them poisons the result; the rest is the padding-free reference. A start equal to the
+    cache length (an all-padding cache) leaves the in-flight keys alone."""
+    q, k, v, lens = random_case(3, 4, 2, 14, 32, dtype, seed=13)
+    starts = torch.stack([torch.tensor(0, device=lens.device), lens[1] // 2, lens[2]])
+    for b, s in enumerate(starts.tolist()):
+        k[b, :, :s] = float("nan")
+        v[b, :, :s] = float("nan")
+    out = triton_block_causal_attention(q, k, v, lens, 7, key_starts=starts.int())
+    assert torch.isfinite(out).all()
+    assert max_err(out, reference(q, k, v, lens, 7, key_starts=starts)) < TOL[dtype]
+    # negative control: the same rows with the padding read (zeros instead of NaN, so the error is finite)
+    k, v = k.nan_to_num(0.0), v.nan_to_num(0.0)
+    unpadded = triton_block_causal_attention(q, k, v, lens, 7)
+    assert max_err(unpadded, reference(q, k, v, lens, 7, key_starts=starts)) > 1e-2
+
+
 def test_a_wrong_mask_would_be_caught():
     """The comparison has teeth: references with the in-flight part bidirectional
     or token-causal differ from the kernel by far more than the tolerance."""
@@ -177,6 +198,14 @@ def test_bad_inputs_raise_clear_errors():
         call(q, k, v, lens, 0)
     with pytest.raises(ValueError, match="out must match"):
         call(q, k, v, lens, 7, out=torch.empty_like(q[:, :2]))
+    with pytest.raises(ValueError, match="key_starts must be an int32/int64 tensor"):
+        call(q, k, v, lens, 7, key_starts=lens[:1])
+    with pytest.raises(ValueError, match="key_starts must be an int32/int64 tensor"):
+        call(q, k, v, lens, 7, key_starts=lens.float())
+    with pytest.raises(ValueError, match=r"key_starts must lie in \[0, cache_lens\]"):
+        call(q, k, v, lens, 7, key_starts=lens + 1)
+    with pytest.raises(ValueError, match=r"key_starts must lie in \[0, cache_lens\]"):
+        call(q, k, v, lens, 7, key_starts=-torch.ones_like(lens))
 
 
 def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
@@ -211,30 +240,33 @@ k.flash_block_causal_attention, k.merge_partials  # the flash module imports wit
 from fast_dvla_kernels import triton_block_attention as tba
 fn = tba._block_causal_fwd
 names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-for arch, dtype, head_dim, n_rows in ((90, torch.bfloat16, 128, 112), (80, torch.float32, 64, 4096)):
+shapes = ((90, torch.bfloat16, 128, 112), (80, torch.float32, 64, 4096))
+for (arch, dtype, head_dim, n_rows), padded in [(shape, padded) for padded in (False, True) for shape in shapes]:
     cfg = tba.pick_config(n_rows, 8, head_dim, dtype, n_sm=108)
     const = dict(stride_qd=1, stride_kd=1, stride_vd=1, stride_od=1, HEAD_DIM=head_dim, BLOCK_M=cfg["BLOCK_M"],
-                 BLOCK_N=cfg["BLOCK_N"], BLOCK_D=head_dim, UPCAST=False, IEEE=dtype == torch.float32)
-    sig = {n: "constexpr" if n in const else "*i32" if n == "CacheLens" else "fp32" if n == "qk_scale"
-           else "*" + names[dtype] if n in "QKVO" else "i32" for n in fn.arg_names}
+                 BLOCK_N=cfg["BLOCK_N"], BLOCK_D=head_dim, UPCAST=False, IEEE=dtype == torch.float32,
+                 HAS_KEY_STARTS=padded)
+    sig = {n: "constexpr" if n in const else "*i32" if n in ("CacheLens", "KeyStarts") else "fp32"
+           if n == "qk_scale" else "*" + names[dtype] if n in "QKVO" else "i32" for n in fn.arg_names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if sig[n] != "constexpr"
                and n not in ("n_q", "n_slots", "n_kv_heads", "groups", "block_size", "qk_scale")}
     compiled = triton.compile(ASTSource(fn, sig, const, aligned), target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
     assert compiled.asm["cubin"], (arch, dtype)
-    print("compiled", arch, names[dtype], head_dim, cfg)
+    print("compiled", arch, names[dtype], head_dim, "key_starts" if padded else "", cfg)
 """
 
 
 def test_kernel_compiles_for_gpus_without_one():
     """The interpreter misses what a GPU compiler rejects (dot shapes, layouts).
     Compile the kernel ahead of time for sm_80 and sm_90 at configurations the
-    wrapper picks, in a process without TRITON_INTERPRET (so triton.jit builds
-    a real kernel: this also proves the package imports there)."""
+    wrapper picks, with and without per-row key starts, in a process without
+    TRITON_INTERPRET (so triton.jit builds a real kernel: this also proves the
+    package imports there)."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", AOT_COMPILE], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("compiled") == 2, done.stdout
+    assert done.stdout.count("compiled") == 4, done.stdout
 
 
 def test_kernel_benchmark_smoke(tmp_path):

@@ -8,7 +8,10 @@ backend derives what it reads from it (the dense mask, the FlexAttention
 block mask, the fused kernels' cache length), so ``attention_mask``, which
 only carries the mask through transformers' own code, is not read here.
 Fused backends run their kernel on the cached block-causal shape and SDPA
-with the dense mask (the same rule) on every other forward.
+with the dense mask (the same rule) on every other forward. Padded batches
+(``layout.pad_lens``): triton skips each row's padding slots (its
+``key_starts``); flash has no such argument here, so it runs them on SDPA with
+the dense mask, which hides the padding (docs/design.md#padded-batches).
 """
 from __future__ import annotations
 
@@ -52,26 +55,31 @@ def flex_attention(module, query, key, value, attention_mask, scaling=None, fast
     return out.transpose(1, 2).contiguous(), None
 
 
-def _fused(kernel_name, query, key, value, scaling, layout):
-    """A fused kernel for cached block-causal windows, SDPA with the same rule otherwise."""
+def _fused(kernel_name, query, key, value, scaling, layout, skips_padding: bool):
+    """A fused kernel for cached block-causal windows, SDPA with the same rule otherwise.
+    ``skips_padding``: the kernel takes per-row ``key_starts``; one that does not runs padded
+    batches on SDPA, whose dense mask hides the padding."""
     cache_len = layout.fused_cache_len
-    if cache_len is None:
+    if cache_len is None or (layout.padded and not skips_padding):
         return _sdpa(query, key, value, layout, scaling).transpose(1, 2).contiguous(), None
     import fast_dvla_kernels
 
     kernel = getattr(fast_dvla_kernels, kernel_name)
     lens = torch.full((query.shape[0],), cache_len, dtype=torch.int32, device=query.device)
+    padding = {"key_starts": layout.pad_lens_tensor(query.device)} if layout.padded else {}
     # lengths fit the buffer by construction: skip the check (a host sync per layer)
-    out = kernel(query, key, value, lens, layout.block_size, scale=scaling, check_lengths=False)
+    out = kernel(query, key, value, lens, layout.block_size, scale=scaling, check_lengths=False, **padding)
     return out.transpose(1, 2).contiguous(), None
 
 
 def triton_attention(module, query, key, value, attention_mask, scaling=None, fast_dvla_layout=None, **kwargs):
-    return _fused("triton_block_causal_attention", query, key, value, scaling, _layout(fast_dvla_layout, "triton"))
+    return _fused("triton_block_causal_attention", query, key, value, scaling, _layout(fast_dvla_layout, "triton"),
+                  skips_padding=True)
 
 
 def flash_attention(module, query, key, value, attention_mask, scaling=None, fast_dvla_layout=None, **kwargs):
-    return _fused("flash_block_causal_attention", query, key, value, scaling, _layout(fast_dvla_layout, "flash"))
+    return _fused("flash_block_causal_attention", query, key, value, scaling, _layout(fast_dvla_layout, "flash"),
+                  skips_padding=False)
 
 
 def triton_unavailable() -> str | None:

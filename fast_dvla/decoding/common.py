@@ -103,16 +103,40 @@ class WindowForward:
     Each forward also records, on the device, whether its logits are all
     finite (one reduction, no sync); :meth:`raise_if_nonfinite` reads them
     once, at the end of a decode.
+
+    ``pad_lens`` (a padded batch, one count per row; docs/design.md#padded-batches):
+    row ``b``'s first ``pad_lens[b]`` prefix slots are padding. Every layout
+    carries them (its masks hide those keys), and each row's positions are
+    shifted back by its padding, so its real tokens sit at ``0 ..`` as they
+    would in the row decoded alone.
     """
 
-    def __init__(self, model: DVLAModel, prefix: torch.Tensor, cache: BlockKVCache | None, compile: str | None = None):
+    def __init__(self, model: DVLAModel, prefix: torch.Tensor, cache: BlockKVCache | None, compile: str | None = None,
+                 pad_lens: tuple[int, ...] | None = None):
         """``compile``: a ``torch.compile`` mode to run the forwards through, or None (eager)."""
         self.model, self.prefix, self.cache = model, prefix, cache
         self.logits_fn = compiled_window_logits(compile) if compile else window_logits
         self.prefix_len = prefix.shape[1]
         self.total_len = self.prefix_len + model.chunk_len
+        self.pad_lens = pad_lens
+        self.pad = None if pad_lens is None else torch.tensor(pad_lens, device=prefix.device)[:, None]  # [B, 1]
         self.finite: list[torch.Tensor] = []       # per forward: 0-d bool, on the device
         self.windows: list[tuple[int, int]] = []   # per forward: its query positions [start, end)
+
+    def positions(self, start: int, end: int) -> torch.Tensor:
+        """RoPE positions of slots ``[start, end)``: ``[Q]``, or ``[B, Q]`` in a padded batch, where row
+        ``b``'s slot ``p`` is at ``p - pad_lens[b]`` (padding slots at 0: only they ever see them)."""
+        slots = torch.arange(start, end, device=self.prefix.device)
+        if self.pad is None:
+            return slots
+        return (slots[None, :] - self.pad).clamp(min=0)
+
+    def layout(self, start: int, end: int, kv_len: int, kind: str) -> AttentionLayout:
+        """The forward's attention: queries ``[start, end)`` over keys ``[0, kv_len)``, padding hidden."""
+        shape = (self.prefix_len, self.model.block_size, start, end - start, kv_len, kind)
+        if self.pad_lens is None:
+            return AttentionLayout(*shape)
+        return AttentionLayout(*shape, pad_lens=self.pad_lens)
 
     def __call__(self, tokens: torch.Tensor, start: int, end: int, kind: str, use_cache: bool,
                  read_len: int | None = None) -> torch.Tensor:
@@ -135,9 +159,8 @@ class WindowForward:
             slots = torch.arange(a0, a1, device=tokens.device)
             parts.append(self.model.embed_actions(tokens[:, a0:a1], slots))
         embeds = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-        positions = torch.arange(start, end, device=tokens.device)
-        layout = AttentionLayout(P, self.model.block_size, start, end - start, kv_len, kind)
-        logits = self.logits_fn(self.model, embeds, positions, layout, cache, max(start, P) - start)
+        layout = self.layout(start, end, kv_len, kind)
+        logits = self.logits_fn(self.model, embeds, self.positions(start, end), layout, cache, max(start, P) - start)
         self.finite.append(torch.isfinite(logits).all())
         self.windows.append((start, end))
         return logits

@@ -25,16 +25,18 @@ from .unmask import threshold_or_top1_commit
 
 
 def decode_fast_dllm(model: DVLAModel, prefix: torch.Tensor, config: DecodeConfig,
-                     trace: list | None = None, categorical=None) -> DecodeResult:
+                     trace: list | None = None, categorical=None,
+                     pad_lens: tuple[int, ...] | None = None) -> DecodeResult:
     """``categorical``: ``[chunk_len]`` bool, the slots where the mean and majority token rules
-    keep the argmax (see ``decode``)."""
+    keep the argmax (see ``decode``).
+    ``pad_lens``: a padded batch's leading padding slots per row (see ``decode``'s ``prefix_mask``)."""
     B, P = prefix.shape[:2]
     L = model.chunk_len
     categorical = check_categorical(model, categorical, prefix.device)
     bs = config.fast_dllm_block_size or model.block_size
     total = P + L
     cache = model.new_cache(B, total) if config.use_cache else None
-    fwd = WindowForward(model, prefix, cache, compile=compile_mode(config))
+    fwd = WindowForward(model, prefix, cache, compile=compile_mode(config), pad_lens=pad_lens)
     gen = make_generator(config.seed, prefix.device)
     stats = DecodeStats(config.method)
     tokens = torch.full((B, L), model.mask_token_id, dtype=torch.long, device=prefix.device)

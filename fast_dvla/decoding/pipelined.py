@@ -71,20 +71,22 @@ def add_and_activate(committed: torch.Tensor, n_added: torch.Tensor, fully_activ
 
 
 def decode_pipelined(model: DVLAModel, prefix: torch.Tensor, config: DecodeConfig,
-                     trace: list | None = None, categorical=None, attention: str = BLOCK_CAUSAL) -> DecodeResult:
+                     trace: list | None = None, categorical=None, attention: str = BLOCK_CAUSAL,
+                     pad_lens: tuple[int, ...] | None = None) -> DecodeResult:
     """``categorical``: ``[chunk_len]`` bool, the slots where the mean and majority token rules
     keep the argmax (see ``decode``).
 
     ``attention``: the mask the model attends with. ``BLOCK_CAUSAL`` (the
     student's, the default) or ``BIDIRECTIONAL``: a bidirectional teacher
     decoded in this order (one block after another for ``block_diffusion``),
-    uncached only, since no cache is exact for a bidirectional model."""
+    uncached only, since no cache is exact for a bidirectional model.
+    ``pad_lens``: a padded batch's leading padding slots per row (see ``decode``'s ``prefix_mask``)."""
     if attention not in (BLOCK_CAUSAL, BIDIRECTIONAL):
         raise ValueError(f"attention must be {BLOCK_CAUSAL!r} or {BIDIRECTIONAL!r}, got {attention!r}")
     if attention == BIDIRECTIONAL and config.use_cache:
         raise ValueError("bidirectional attention has no exact cache: decode it with use_cache=False")
     if config.static_shapes:
-        return decode_pipelined_static(model, prefix, config, trace, categorical, attention)
+        return decode_pipelined_static(model, prefix, config, trace, categorical, attention, pad_lens)
     B, P = prefix.shape[:2]
     L, k = model.chunk_len, model.block_size
     N = L // k
@@ -93,7 +95,7 @@ def decode_pipelined(model: DVLAModel, prefix: torch.Tensor, config: DecodeConfi
     tau_add, tau_act = block_thresholds(config)
 
     cache = model.new_cache(B, P + L) if config.use_cache else None
-    fwd = WindowForward(model, prefix, cache)
+    fwd = WindowForward(model, prefix, cache, pad_lens=pad_lens)
     gen = make_generator(config.seed, dev)
     stats = DecodeStats(config.method)
 
@@ -145,7 +147,7 @@ def decode_pipelined(model: DVLAModel, prefix: torch.Tensor, config: DecodeConfi
 
 def decode_pipelined_static(model: DVLAModel, prefix: torch.Tensor, config: DecodeConfig,
                             trace: list | None = None, categorical=None,
-                            attention: str = BLOCK_CAUSAL) -> DecodeResult:
+                            attention: str = BLOCK_CAUSAL, pad_lens: tuple[int, ...] | None = None) -> DecodeResult:
     """The same decode with two fixed forward shapes (docs/design.md#static-shapes): the first over
     ``[prefix | chunk]``, which caches the prefix, then every step over the whole chunk reading the
     prefix from the cache. A block-causal block's logits depend only on it and the blocks before it,
@@ -159,7 +161,7 @@ def decode_pipelined_static(model: DVLAModel, prefix: torch.Tensor, config: Deco
     categorical = check_categorical(model, categorical, dev)
     tau_add, tau_act = block_thresholds(config)
     cache = model.new_cache(B, P + L) if config.use_cache else None
-    fwd = WindowForward(model, prefix, cache, compile=compile_mode(config))
+    fwd = WindowForward(model, prefix, cache, compile=compile_mode(config), pad_lens=pad_lens)
     gen = make_generator(config.seed, dev)
     stats = DecodeStats(config.method)
 

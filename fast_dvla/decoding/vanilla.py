@@ -27,16 +27,19 @@ from .unmask import masked_after_step, topk_commit
 
 
 def decode_vanilla(model: DVLAModel, prefix: torch.Tensor, config: DecodeConfig,
-                   trace: list | None = None, categorical=None) -> DecodeResult:
+                   trace: list | None = None, categorical=None,
+                   pad_lens: tuple[int, ...] | None = None) -> DecodeResult:
     """``categorical``: ``[chunk_len]`` bool, the slots where the mean and majority token rules
-    keep the argmax (see ``decode``)."""
+    keep the argmax (see ``decode``).
+    ``pad_lens``: a padded batch's leading padding slots per row (see ``decode``'s ``prefix_mask``)."""
     B, P = prefix.shape[:2]
     L, k = model.chunk_len, model.block_size
     categorical = check_categorical(model, categorical, prefix.device)
     student = config.method == "vanilla_cached"
     cached = student and config.use_cache
     static = student and config.static_shapes
-    fwd = WindowForward(model, prefix, model.new_cache(B, P + L) if cached else None, compile=compile_mode(config))
+    fwd = WindowForward(model, prefix, model.new_cache(B, P + L) if cached else None, compile=compile_mode(config),
+                        pad_lens=pad_lens)
     gen = make_generator(config.seed, prefix.device)
     stats = DecodeStats(config.method)
     tokens = torch.full((B, L), model.mask_token_id, dtype=torch.long, device=prefix.device)

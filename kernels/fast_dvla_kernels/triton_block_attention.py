@@ -10,6 +10,10 @@ action blocks; keys and values live in a preallocated buffer:
   ``[cache_lens[b], cache_lens[b] + Q)`` are the in-flight keys, one per query,
   and query ``i`` sees in-flight key ``j`` iff ``j // block_size <= i // block_size``.
   Slots past ``cache_lens[b] + Q`` are garbage and never read.
+- optional ``key_starts [B]`` (left-padded batches): row ``b``'s slots
+  ``[0, key_starts[b])`` are padding, hidden from every query and never read;
+  the cache is then ``[key_starts[b], cache_lens[b])``. None: every row's
+  cache starts at slot 0.
 
 One program handles one (batch row, kv head, tile of rows). A row is a
 (query, query head) pair of the heads sharing that kv head, laid out
@@ -61,14 +65,14 @@ def _online_softmax_step(q, k, v, visible, m_i, l_i, acc, qk_scale, IEEE: tl.con
 
 @triton.jit
 def _block_causal_fwd(
-    Q, K, V, O, CacheLens,
+    Q, K, V, O, CacheLens, KeyStarts,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     n_q, n_slots, n_kv_heads, groups, block_size, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, HAS_KEY_STARTS: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -94,14 +98,18 @@ def _block_causal_fwd(
     # Clamped so that even unchecked, invalid lengths never address outside the buffer.
     cache_len = tl.load(CacheLens + b)
     cache_len = tl.maximum(tl.minimum(cache_len, n_slots - n_q), 0)
+    if HAS_KEY_STARTS:  # left padding: slots before the row's first real key are skipped, never read
+        key_start = tl.maximum(tl.minimum(tl.load(KeyStarts + b), cache_len), 0)
+    else:
+        key_start = 0
 
     # Finite start: a row whose tile is fully masked gets exp2(-inf) = 0, never inf - inf = NaN.
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # Phase 1: the cache. Every query sees every cached key; only the length bounds it.
-    for start in range(0, cache_len, BLOCK_N):
+    # Phase 1: the cache. Every query sees every cached key; only its bounds limit it.
+    for start in range(key_start, cache_len, BLOCK_N):
         n = start + offs_n
         n_ok = n < cache_len
         kv_mask = n_ok[:, None] & d_ok[None, :]
@@ -137,11 +145,12 @@ def _block_causal_fwd(
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_lens: torch.Tensor, block_size: int,
-                 check_lengths: bool = True) -> None:
+                 check_lengths: bool = True, key_starts: torch.Tensor | None = None) -> None:
     """Raise ``ValueError`` naming what is wrong with the arguments.
 
-    ``check_lengths`` reads ``cache_lens`` on the host (a device sync on a GPU)
-    to check that every row's cache + in-flight tokens fit the buffer."""
+    ``check_lengths`` reads ``cache_lens`` (and ``key_starts``) on the host (a
+    device sync on a GPU) to check that every row's cache + in-flight tokens fit
+    the buffer and its padding lies inside its cache."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a 4D tensor [B, H, N, D], got {getattr(t, 'shape', type(t))}")
@@ -170,12 +179,29 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_lens: 
                          f"{cache_lens.device}")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if key_starts is not None:
+        check_key_starts(key_starts, cache_lens, check_lengths)
     if check_lengths:
         lo, hi = int(cache_lens.min()), int(cache_lens.max())
         if lo < 0:
             raise ValueError(f"cache_lens must be >= 0, got min {lo}")
         if hi + Q > S:
             raise ValueError(f"kv buffer too small: max(cache_lens) + Q = {hi} + {Q} exceeds its S = {S} slots")
+
+
+def check_key_starts(key_starts: torch.Tensor, cache_lens: torch.Tensor, check_lengths: bool) -> None:
+    """``key_starts`` like ``cache_lens`` (int32/int64 ``[B]``, same device); with ``check_lengths``,
+    ``0 <= key_starts <= cache_lens`` (read on the host)."""
+    B = cache_lens.shape[0]
+    if not isinstance(key_starts, torch.Tensor) or key_starts.shape != (B,) or key_starts.dtype not in (
+            torch.int32, torch.int64):
+        raise ValueError(f"key_starts must be an int32/int64 tensor of shape ({B},), got "
+                         f"{getattr(key_starts, 'dtype', type(key_starts))} {tuple(getattr(key_starts, 'shape', ()))}")
+    if key_starts.device != cache_lens.device:
+        raise ValueError(f"key_starts must be on cache_lens' device {cache_lens.device}, got {key_starts.device}")
+    if check_lengths and not bool(((key_starts >= 0) & (key_starts <= cache_lens)).all()):
+        raise ValueError(f"key_starts must lie in [0, cache_lens] per row (padding inside the cache), got "
+                         f"{key_starts.tolist()} for cache_lens {cache_lens.tolist()}")
 
 
 def pick_config(n_rows: int, n_programs_per_tile: int, head_dim: int, dtype: torch.dtype,
@@ -207,7 +233,7 @@ def pick_config(n_rows: int, n_programs_per_tile: int, head_dim: int, dtype: tor
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=2)
 
 
-def launch(q, k, v, cache_lens, block_size, scale, out, config) -> torch.Tensor:
+def launch(q, k, v, cache_lens, block_size, scale, out, config, key_starts=None) -> torch.Tensor:
     """Launch the kernel with explicit tile sizes (the tests use this to run
     tile edges at several sizes). Arguments must already be checked."""
     B, Hq, Q, D = q.shape
@@ -215,36 +241,41 @@ def launch(q, k, v, cache_lens, block_size, scale, out, config) -> torch.Tensor:
     groups = Hq // Hkv
     if cache_lens.dtype != torch.int32:
         cache_lens = cache_lens.to(torch.int32)
+    if key_starts is not None and key_starts.dtype != torch.int32:
+        key_starts = key_starts.to(torch.int32)
     launch_opts = {key: config[key] for key in ("num_warps", "num_stages") if key in config}
     grid = (triton.cdiv(Q * groups, config["BLOCK_M"]), B * Hkv)
     # Triton launches on the current CUDA device: make it q's
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         _block_causal_fwd[grid](
-            q, k, v, out, cache_lens,
+            q, k, v, out, cache_lens, cache_lens if key_starts is None else key_starts,  # unread without them
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             Q, S, Hkv, groups, block_size, scale * LOG2E,
             HEAD_DIM=D, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
             BLOCK_D=max(16, triton.next_power_of_2(D)),
             UPCAST=INTERPRET, IEEE=q.dtype == torch.float32 and not INTERPRET,
+            HAS_KEY_STARTS=key_starts is not None,
             **launch_opts,
         )
     return out
 
 
 def triton_block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_lens: torch.Tensor,
-                                  block_size: int, scale: float | None = None, *, out: torch.Tensor | None = None,
-                                  check_lengths: bool = True) -> torch.Tensor:
+                                  block_size: int, scale: float | None = None, *, key_starts: torch.Tensor | None = None,
+                                  out: torch.Tensor | None = None, check_lengths: bool = True) -> torch.Tensor:
     """Cached block-causal attention: ``q [B, Hq, Q, D]`` over the buffer
     ``k, v [B, Hkv, S, D]`` -> ``[B, Hq, Q, D]`` in ``q``'s dtype (contract in
     the module docstring).
 
+    ``key_starts``: optional ``[B]``, each row's first real cache slot (left
+    padding before it is skipped).
     ``out``: optional preallocated output shaped like ``q``, written in place.
     ``check_lengths=False`` skips the host read of ``cache_lens`` (a device
     sync; also not allowed inside CUDA-graph capture). The kernel clamps the
     lengths to the buffer, so unchecked bad lengths give wrong numbers, never
     an out-of-bounds read.
     """
-    check_inputs(q, k, v, cache_lens, block_size, check_lengths)
+    check_inputs(q, k, v, cache_lens, block_size, check_lengths, key_starts)
     if q.device.type != "cuda" and not INTERPRET:
         raise RuntimeError("the Triton kernel needs CUDA tensors, or TRITON_INTERPRET=1 set before "
                            "fast_dvla_kernels.triton_block_attention is imported (the interpreter: slow, for tests)")
@@ -259,4 +290,4 @@ def triton_block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     B, Hq, Q, _ = q.shape
     n_sm = None if INTERPRET else torch.cuda.get_device_properties(q.device).multi_processor_count
     config = pick_config(Q * (Hq // k.shape[1]), B * k.shape[1], q.shape[-1], q.dtype, n_sm)
-    return launch(q, k, v, cache_lens, block_size, scale, out, config)
+    return launch(q, k, v, cache_lens, block_size, scale, out, config, key_starts)
