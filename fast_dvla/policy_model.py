@@ -46,6 +46,19 @@ class PolicyModel(DVLAModel):
         """Decoded bins ``[B, chunk_len]`` (time-major) -> actions ``[B, horizon, action_dim]``."""
         raise NotImplementedError
 
+    def actions_to_bins(self, actions: np.ndarray) -> np.ndarray:
+        """Actions ``[B, horizon, action_dim]`` -> bins ``[B, chunk_len]``: the labels training and
+        distillation read from recorded demonstrations, and how token agreement scores decoded actions.
+        Optional: a model that is only decoded need not implement it."""
+        raise NotImplementedError(f"{type(self).__name__}.actions_to_bins(): training on demonstrations (and "
+                                  "token agreement) needs the model's actions -> bins")
+
+    def observation_spec(self) -> dict:
+        """What a made-up observation for this model looks like (timing without data): ``{"cameras": [names],
+        "image_size": (H, W), "state_dim": int}``. Optional."""
+        raise NotImplementedError(f"{type(self).__name__}.observation_spec(): say which cameras, image size and "
+                                  "state size a random observation needs, or time it on recorded frames")
+
     def batch_shape(self, obs: dict) -> tuple[int, ...]:
         """``()`` for a single observation, ``(B,)`` for a batch, read without processing it (an action
         queue checks it before serving queued actions). By default ``obs["instruction"]`` says, a ``str``
@@ -118,6 +131,15 @@ class ReferencePolicyIO:
 
     def bins_to_actions(self, bins: np.ndarray) -> np.ndarray:
         return self.action_tokenizer.decode(bins.reshape(-1, self.horizon, self.action_dim))
+
+    def actions_to_bins(self, actions: np.ndarray) -> np.ndarray:
+        actions = np.asarray(actions)
+        return self.action_tokenizer.encode(actions).reshape(*actions.shape[:-2], -1)
+
+    def observation_spec(self) -> dict:
+        cfg = self.model.config
+        return {"cameras": list(cfg.cameras), "image_size": (cfg.image_size, cfg.image_size),
+                "state_dim": cfg.state_dim}
 
     def batch_shape(self, obs: dict) -> tuple[int, ...]:
         return batch_shape(obs)

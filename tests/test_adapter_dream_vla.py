@@ -161,8 +161,6 @@ def test_wrong_mask_changes_the_tokens(model, prefixes, monkeypatch):
 
 def test_missing_shift_changes_the_original_tokens(model, prefixes, monkeypatch):
     """Negative control: reading logits at p instead of p - 1 does not reproduce the goldens."""
-    from fast_dvla.adapters import dream_vla
-
     embeds = prefixes[0][0][None]
     run = next(r for r in GOLDEN["cases"][0]["runs"] if r["steps"] == 8)
     lm_head = model.lm_head

@@ -1,5 +1,4 @@
 """The same model and decoder on every attention backend that can run here."""
-import os
 
 import pytest
 import torch

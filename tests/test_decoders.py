@@ -1,5 +1,4 @@
 """Each decoder's behaviour on models whose confidences the test controls."""
-import math
 
 import pytest
 import torch

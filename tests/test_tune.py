@@ -1,6 +1,5 @@
 """fast-dvla tune: the sweep's measurements, the recommendation, resuming, the command."""
 import json
-import math
 
 import numpy as np
 import pytest

@@ -33,6 +33,8 @@ from fast_dvla.config import METHODS
 from fast_dvla.data.frames import sample_frames
 from fast_dvla.model import ModelConfig, ReferenceDVLA
 from fast_dvla.policy import reference_policy_dir
+from fast_dvla.policy_model import PolicyModel
+from fast_dvla.registry import entry_for_model
 from fast_dvla.tokenizer import ActionTokenizer
 
 
@@ -64,7 +66,8 @@ def place(policy: FastDVLAPolicy, device: str, dtype: str, backend: str | None) 
     where they enter the model (an instance attribute on this model only: the library is unchanged)."""
     torch_dtype = DTYPES[dtype]
     model = policy.model.to(device=device, dtype=torch_dtype)
-    if torch_dtype != torch.float32 and "embed_prefix" not in vars(model):
+    # a model that owns its processing (PolicyModel: Dream-VLA) casts its own prefix inputs
+    if torch_dtype != torch.float32 and not isinstance(policy.io, PolicyModel) and "embed_prefix" not in vars(model):
         embed = model.embed_prefix
 
         def embed_prefix(images, instr_ids, state):
@@ -74,6 +77,20 @@ def place(policy: FastDVLAPolicy, device: str, dtype: str, backend: str | None) 
         model.embed_prefix = embed_prefix
     if backend:
         use_backend(model, backend)
+
+
+def model_settings(model) -> dict:
+    """What the student's ``config.json`` records as its model (the reference: its ``ModelConfig``;
+    Dream-VLA: its checkpoint's config and processing settings), without dataset statistics."""
+    settings = entry_for_model(model).settings(model)
+    return {k: v for k, v in settings.items() if k != "norm_stats"}
+
+
+def attention_backend(model) -> str:
+    """The reference model's configured backend; a model that runs its own attention (Dream-VLA: SDPA
+    in its own layer loop) says so."""
+    name = getattr(getattr(model, "config", None), "attn_backend", None)
+    return name or f"{type(model).__name__}'s own"
 
 
 def run(args) -> dict:
@@ -101,12 +118,12 @@ def run(args) -> dict:
     if args.data:
         if args.batch != 1:
             raise SystemExit("--data times one demonstration frame per chunk: use --batch 1")
-        obs = [o for o, _ in sample_frames(args.data, args.repeats, teacher.model.config.horizon, args.seed)]
+        obs = [o for o, _ in sample_frames(args.data, args.repeats, teacher.io.horizon, args.seed)]
     else:
         obs = [random_observation(teacher, args.batch, args.seed + i) for i in range(args.repeats)]
     rows = measure(teacher, student, obs, configs, methods, warmup=args.warmup)
-    return {"model": model_desc, "model_config": student.model.config.to_dict(), "device": args.device,
-            "dtype": args.dtype, "attn_backend": student.model.config.attn_backend,
+    return {"model": model_desc, "model_config": model_settings(student.model), "device": args.device,
+            "dtype": args.dtype, "attn_backend": attention_backend(student.model),
             "observations": args.data or "random", "batch": args.batch, "repeats": len(obs),
             "decode": {m: c.to_dict() for m, c in configs.items()},
             "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),

@@ -45,7 +45,7 @@ from fast_dvla.tuning.closed_loop import run_episodes, success_rows
 from fast_dvla.tuning.grid import AXES, DEFAULT_TAU_CONF, parse_values, product_grid, read_settings_file, \
     setting_name, validated_configs
 from fast_dvla.tuning.plot import pareto_plot
-from fast_dvla.tuning.recommend import pareto_front, recommend
+from fast_dvla.tuning.recommend import recommend
 from fast_dvla.tuning.sweep import TEACHER_ROW
 
 SUCCESS_COLUMNS = [("setting", "setting", "s"), ("episodes", "episodes", "d"), ("successes", "successes", "d"),

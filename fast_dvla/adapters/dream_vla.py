@@ -78,7 +78,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from pathlib import Path
 
@@ -467,11 +466,11 @@ class DreamVLA(PolicyModel):
     def policy_files(self, directory: str) -> dict:
         return dict(self.tokenizer.files)
 
-    @torch.no_grad()
     def observation_prefix(self, obs: dict) -> tuple[torch.Tensor, bool]:
         """``{"images": {camera: uint8 [H, W, 3]}, "state": [proprio_dim], "instruction": str}`` (a batch:
         ``[B, H, W, 3]``, ``[B, proprio_dim]``, a list of ``B`` strings) -> ``([B, P, H], single)``. The
-        state is read only by a checkpoint with a proprio projector."""
+        state is read only by a checkpoint with a proprio projector. Differentiable (training runs the
+        vision tower and projectors through it); the policy calls it under ``torch.no_grad``."""
         if not isinstance(obs, dict):
             raise TypeError(f"observation must be a dict, got {type(obs).__name__}")
         instructions, single = check_instructions(obs.get("instruction"))
@@ -549,7 +548,6 @@ class DreamVLA(PolicyModel):
         state = np.asarray(state, dtype=np.float64)
         return np.clip(np.where(mask, 2 * (state - lo) / (hi - lo + 1e-8) - 1, state), -1.0, 1.0)
 
-    @torch.no_grad()
     def embed_observation(self, images, instruction: str, proprio=None) -> tuple[torch.Tensor, list[int]]:
         """One observation -> (prefix embeddings ``[P, H]``, prompt ids): token embeddings with the
         projected image features at the ``<|image_pad|>`` positions, and, given a (normalised)
@@ -581,7 +579,17 @@ class DreamVLA(PolicyModel):
             raise ValueError(f"prompts of different lengths {sorted(lengths)}: left padding is not supported yet")
         return torch.stack(rows)
 
+    def observation_spec(self) -> dict:
+        """Cameras in prompt order, the LIBERO evaluation's 224 x 224 images, the proprio state's size."""
+        state_dim = 0 if self.proprio_projector is None else self.proprio_projector.fc1.in_features
+        return {"cameras": list(self.cameras), "image_size": (224, 224), "state_dim": state_dim}
+
     # -- the engine's contract ------------------------------------------------------------------
+    def lora_target(self) -> nn.Module:
+        """The Qwen2 decoder stack (its ``q/k/v/o_proj`` and ``gate/up/down_proj``): a LoRA student adapts
+        the decoder only, not the vision tower, the projectors or ``lm_head``."""
+        return self.model
+
     def embed_actions(self, tokens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """Bins (``n_bins`` = [MASK]) -> Dream's token embeddings (the action ids, ``<|mask|>``).
         Dream has no slot embedding: the slot is the position."""
@@ -695,6 +703,22 @@ class DreamVLA(PolicyModel):
         if unnorm_key not in self.norm_stats:
             raise KeyError(f"unnorm_key {unnorm_key!r} not in {sorted(self.norm_stats)}")
         return unnorm_key
+
+    def actions_to_bins(self, actions, unnorm_key: str | None = None) -> np.ndarray:
+        """``[..., horizon, action_dim]`` actions -> ``[..., chunk_len]`` bins, as Dream-VLA's training labels
+        are made (OpenVLA's action tokenizer after its BOUNDS_Q99 normalisation): ``2 (a - q01) / (q99 -
+        q01 + 1e-8) - 1`` where the statistics' mask is set, clipped to [-1, 1], then
+        ``np.digitize`` over ``linspace(-1, 1, n_bins)`` (the original's token ``len(tokenizer) -
+        digitized``, i.e. bin ``digitized - 1``). :meth:`bins_to_actions` of a bin below 255 gives it back."""
+        a = np.asarray(actions, dtype=np.float64)
+        if a.ndim < 2 or a.shape[-2:] != (self.horizon, self.action_dim):
+            raise ValueError(f"actions must be [..., {self.horizon}, {self.action_dim}], got {a.shape}")
+        stats = self.norm_stats[self._key(unnorm_key)]["action"]
+        lo, hi = np.asarray(stats["q01"]), np.asarray(stats["q99"])
+        mask = np.asarray(stats.get("mask", np.ones_like(lo, dtype=bool)))
+        normalized = np.clip(np.where(mask, 2 * (a - lo) / (hi - lo + 1e-8) - 1, a), -1.0, 1.0)
+        bins = np.digitize(normalized, np.linspace(-1, 1, self.n_bins)) - 1
+        return np.clip(bins, 0, self.n_bins - 1).reshape(*a.shape[:-2], self.chunk_len)
 
     def bins_to_actions(self, bins, unnorm_key: str | None = None) -> np.ndarray:
         """``[..., chunk_len]`` bins -> ``[..., horizon, action_dim]`` actions, as the original's

@@ -11,7 +11,8 @@ from .throughput import policy_for
 def decoded_chunk(policy: FastDVLAPolicy, obs: dict, config: DecodeConfig) -> tuple[np.ndarray, np.ndarray]:
     """``(actions [horizon, dim], their tokens)`` of the chunk ``policy`` decodes for ``obs`` with ``config``."""
     actions = policy.predict_action_chunk(obs, config)
-    return actions, policy.action_tokenizer.encode(actions)
+    # the model's own actions -> bins (the reference: its action tokenizer), shaped as the actions
+    return actions, policy.io.actions_to_bins(actions[None])[0].reshape(actions.shape)
 
 
 def chunk_tokens(policy: FastDVLAPolicy, obs: dict, config: DecodeConfig) -> np.ndarray:

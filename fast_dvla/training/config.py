@@ -43,6 +43,9 @@ class TrainConfig:
     # state entries the policy never reads (teacher stage; a student keeps its teacher's)
     state_ignore: list[int] = field(default_factory=list)
     init_from: str = ""             # teacher stage: start from this policy's weights (fine-tuning)
+    # parameters kept as they are (names or name prefixes, e.g. lm_head) when weights train in full
+    # (teacher stage, student: full); a LoRA student trains only its adapter anyway
+    freeze: list[str] = field(default_factory=list)
     max_episodes: int | None = None
     log_every: int = 10
     save_every: int = 200
@@ -88,6 +91,11 @@ class TrainConfig:
                     raise ConfigError(f"applies to the {stage} stage ({why})", name)
         if self.model and self.init_from:
             raise ConfigError("overrides cannot apply when init_from gives the model", "model")
+        if self.freeze and self.stage == "distill" and self.student == "lora":
+            raise ConfigError("a LoRA student trains only its adapter; freeze applies to weights trained in full "
+                              "(the teacher stage, student: full)", "freeze")
+        if any(not name for name in self.freeze):
+            raise ConfigError("expected parameter names or name prefixes, got an empty one", "freeze")
 
     def _check_model_overrides(self) -> None:
         try:

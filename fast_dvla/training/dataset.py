@@ -1,6 +1,15 @@
 """Training samples from an episodes directory: the observation at step t
 and the action chunk ``a[t : t + horizon]``, tokenised.
 
+Two kinds of model, two datasets. The reference model's processing is fitted
+here (:class:`ChunkDataset`: action bins and state statistics from the data,
+inputs precomputed as tensors). A :class:`~fast_dvla.policy_model.PolicyModel`
+(the Dream-VLA adapter, a user's registered model) owns its processing
+(:class:`ObservationChunkDataset`: observations as the policy receives them,
+labels from ``model.actions_to_bins``, the prefix from
+``model.observation_prefix`` at every step). :func:`batch_prefixes` turns
+either's batch into prefix embeddings.
+
 Chunks running past an episode's end repeat its last action (the robot holds
 its final command), so every step of every episode is a sample, except in
 episodes with recovery pushes (``perturbed`` steps): there a chunk whose
@@ -15,6 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..backbone import DVLAModel
 from ..data import list_episodes, read_dataset_info, read_episode
 from ..model import ModelConfig
 from ..processor import StateNormalizer
@@ -100,3 +110,106 @@ class ChunkDataset:
         else:
             out["images"] = None
         return out
+
+
+def _episode_files(root, check_info) -> list[tuple[str, dict]]:
+    """``(path, dataset info)`` of every episode under ``root`` (a directory or a list of them), each
+    directory's info passed to ``check_info(directory, info)`` first."""
+    roots = [root] if isinstance(root, str) else list(root)
+    if not roots:
+        raise ValueError("no episodes directory given")
+    files = []
+    for r in roots:
+        info = read_dataset_info(r)
+        check_info(r, info)
+        paths = list_episodes(r)
+        if not paths:
+            raise ValueError(f"{r}: no episode files")
+        files.extend((p, info) for p in paths)
+    return files
+
+
+class ObservationChunkDataset:
+    """Samples for a model that owns its processing (a :class:`~fast_dvla.policy_model.PolicyModel`):
+    the recorded observation at step t as a policy receives it (uint8 images by camera, the raw
+    state, the instruction) and the chunk ``a[t : t + horizon]`` as the model's own bins
+    (``model.actions_to_bins``). Nothing is fitted: the model's statistics are its own. Chunks are
+    chosen as in :class:`ChunkDataset` (:func:`chunk_starts`)."""
+
+    action_tokenizer = None  # the model turns actions into bins itself
+    state_norm = None
+
+    def __init__(self, root, model, max_episodes: int | None = None, progress: bool = True):
+        def check(directory, info):
+            if info["action_dim"] != model.action_dim:
+                raise ValueError(f"{directory}: dataset action dim {info['action_dim']} != model's {model.action_dim}")
+
+        files = _episode_files(root, check)[:max_episodes]
+        cameras = {tuple(info["cameras"]) for _, info in files}
+        if len(cameras) > 1:
+            raise ValueError(f"the episodes directories have different cameras {sorted(cameras)}")
+        self.cameras = list(next(iter(cameras)))
+        self.horizon = model.horizon
+        self.episodes = [read_episode(p, info)
+                         for p, info in tqdm(files, desc="loading episodes", disable=not progress)]
+        self.index = [(e, t) for e, ep in enumerate(self.episodes) for t in chunk_starts(ep, model.horizon)]
+        self.skipped_after_pushes = sum(len(ep["action"]) for ep in self.episodes) - len(self.index)
+        self._tokens = []
+        for ep in self.episodes:
+            T = len(ep["action"])
+            idx = np.minimum(np.arange(T)[:, None] + np.arange(model.horizon)[None], T - 1)
+            bins = np.asarray(model.actions_to_bins(ep["action"][idx]))
+            if bins.shape != (T, model.chunk_len) or bins.min() < 0 or bins.max() >= model.n_bins:
+                raise ValueError(f"{type(model).__name__}.actions_to_bins gave {bins.shape} bins in "
+                                 f"[{bins.min()}, {bins.max()}]; expected {(T, model.chunk_len)} in "
+                                 f"[0, {model.n_bins})")
+            self._tokens.append(torch.from_numpy(bins.astype(np.int64)))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def observation(self, indices) -> dict:
+        """A batch of observations in fast-dvla's format: images ``{camera: uint8 [B, H, W, 3]}``,
+        ``state [B, S]``, ``instruction`` (a list of B strings)."""
+        items = [self.index[int(i)] for i in indices]
+        return {"images": {c: np.stack([self.episodes[e]["images"][c][t] for e, t in items]) for c in self.cameras},
+                "state": np.stack([self.episodes[e]["state"][t] for e, t in items]),
+                "instruction": [self.episodes[e]["instruction"] for e, _ in items]}
+
+    def batch(self, indices) -> dict:
+        """``{"obs": observations (see :meth:`observation`), "tokens": [B, L]}``."""
+        return {"obs": self.observation(indices),
+                "tokens": torch.stack([self._tokens[e][t] for e, t in (self.index[int(i)] for i in indices)])}
+
+
+def _rows(obs: dict, rows: list[int]) -> dict:
+    return {"images": {c: v[rows] for c, v in obs["images"].items()},
+            **({"state": obs["state"][rows]} if "state" in obs else {}),
+            "instruction": [obs["instruction"][r] for r in rows]}
+
+
+def batch_prefixes(model: DVLAModel, batch: dict) -> list[tuple[list[int] | None, torch.Tensor]]:
+    """Prefix embeddings of a batch, in groups of rows with prefixes of one length: ``[(rows,
+    prefix [b, P, H])]``; ``rows`` None means all rows in order.
+
+    A :class:`ChunkDataset` batch is one group (``model.embed_prefix``). An
+    :class:`ObservationChunkDataset` batch goes through ``model.observation_prefix``, one call per
+    instruction; a model whose prompt length depends on the instruction (Dream-VLA: byte-level
+    text) gives groups of different lengths, which the losses take one at a time (rows are never
+    padded, so each is computed exactly as it would be alone)."""
+    if "obs" not in batch:
+        return [(None, model.embed_prefix(batch["images"], batch["instr_ids"], batch["state"]))]
+    obs = batch["obs"]
+    by_instruction: dict[str, list[int]] = {}
+    for row, text in enumerate(obs["instruction"]):
+        by_instruction.setdefault(text, []).append(row)
+    by_length: dict[int, tuple[list[int], list[torch.Tensor]]] = {}
+    for rows in by_instruction.values():
+        prefix, _ = model.observation_prefix(_rows(obs, rows))
+        group = by_length.setdefault(prefix.shape[1], ([], []))
+        group[0].extend(rows)
+        group[1].append(prefix)
+    groups = [(rows, torch.cat(parts)) for rows, parts in by_length.values()]
+    if len(groups) == 1 and groups[0][0] == list(range(len(obs["instruction"]))):
+        return [(None, groups[0][1])]
+    return groups

@@ -12,14 +12,15 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def add_lora(model, rank: int = 32, alpha: float | None = None) -> list[torch.nn.Parameter]:
-    """Inject an adapter into ``model.backbone.decoder``; freeze everything
-    else. Returns the trainable (adapter) parameters."""
+    """Inject an adapter into ``model.lora_target()`` (the decoder stack: ``model.backbone.decoder`` for
+    the reference model, the Qwen2 decoder for Dream-VLA), into its linear layers named in
+    ``TARGETS``; freeze everything else. Returns the trainable (adapter) parameters."""
     try:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError as err:
         raise ImportError("the LoRA student needs peft: pip install peft (or fast-dvla[train])") from err
     config = LoraConfig(r=rank, lora_alpha=alpha or rank, lora_dropout=0.0, target_modules=TARGETS)
-    inject_adapter_in_model(config, model.backbone.decoder)
+    inject_adapter_in_model(config, model.lora_target())
     params = []
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
@@ -44,6 +45,21 @@ def adapter_disabled(model):
     finally:
         for layer in layers:
             layer.enable_adapters(True)
+
+
+def merged_model(model):
+    """A copy of ``model`` with the adapter folded into the weights and the adapter layers replaced by
+    the plain layers they wrap: the same class as before ``add_lora``, whatever the model."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    merged = copy.deepcopy(model)
+    for layer in _tuner_layers(merged):
+        layer.merge()
+    for parent in list(merged.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, BaseTunerLayer):
+                setattr(parent, name, child.get_base_layer())
+    return merged
 
 
 def merged_state_dict(model) -> dict[str, torch.Tensor]:

@@ -56,6 +56,15 @@ def distillation_loss(student, student_prefix, teacher_logits, tokens, mask, wei
     return _weighted_mean(ce, mask, weight), logits
 
 
+def teacher_entropy(teacher_logits, mask, weight) -> torch.Tensor:
+    """The teacher's entropy at masked positions, weighted and normalised as the distillation loss:
+    that loss minus this is ``KL(teacher || student)`` (0 when the student matches the teacher),
+    the part of it the student can reduce."""
+    with torch.no_grad():
+        logp = torch.log_softmax(teacher_logits.float(), dim=-1)
+        return _weighted_mean(-(logp.exp() * logp).sum(-1), mask, weight)
+
+
 def teacher_logits_for(teacher, teacher_prefix, tokens, mask):
     with torch.no_grad():
         return forward_full(teacher, teacher_prefix, _noised(teacher, tokens, mask), BIDIRECTIONAL)

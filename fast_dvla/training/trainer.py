@@ -9,6 +9,7 @@ each rank takes its slice of every global batch.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -23,55 +24,114 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..backbone import DVLAModel
 from ..config import DecodeConfig
 from ..model import ModelConfig, ReferenceDVLA
 from ..policy import FastDVLAPolicy
+from ..policy_model import PolicyModel
 from .config import TrainConfig
-from .dataset import ChunkDataset
+from .dataset import ChunkDataset, ObservationChunkDataset, batch_prefixes
 from .distributed import DistInfo, barrier
-from .lora import adapter_disabled, adapter_state_dict, add_lora, merged_state_dict
-from .losses import block_diffusion_loss, distillation_loss, teacher_logits_for, teacher_loss
+from .lora import adapter_disabled, adapter_state_dict, add_lora, merged_model
+from .losses import block_diffusion_loss, distillation_loss, teacher_entropy, teacher_logits_for, teacher_loss
 from .noise import student_noise, teacher_noise
 
 CHECKPOINT = "checkpoint.pt"
 
 
 class StageLoss(nn.Module):
-    """The loss of one stage as a module, so DDP can wrap it."""
+    """The loss of one stage as a module, so DDP can wrap it.
 
-    def __init__(self, config: TrainConfig, model: ReferenceDVLA, teacher: ReferenceDVLA | None):
+    Prefixes come from :func:`batch_prefixes`: one group for the reference model's batches; for a
+    model that owns its processing, one group per prefix length (Dream-VLA's prompt length depends
+    on the instruction). Each group's loss is taken over its rows alone and weighted by its share
+    of the batch, so the total is the batch's loss, each row computed exactly as if alone."""
+
+    def __init__(self, config: TrainConfig, model: DVLAModel, teacher: DVLAModel | None):
         super().__init__()
         self.config, self.model = config, model
         self.teacher = [teacher]  # a list: not a submodule, so DDP neither syncs nor trains it
+        self.metrics: dict[str, float] = {}  # of the last forward, besides the loss (distillation: "kl")
 
     def forward(self, batch: dict, mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         model, cfg = self.model, self.config
         tokens = batch["tokens"]
-        prefix = model.embed_prefix(batch["images"], batch["instr_ids"], batch["state"])
-        if cfg.stage == "teacher":
-            return teacher_loss(model, prefix, tokens, mask, weight)[0]
-        if cfg.loss == "block_diffusion":
-            return block_diffusion_loss(model, prefix, tokens, mask, weight)[0]
-        teacher = self.teacher[0]
-        if teacher is model:  # the LoRA student: the teacher is the same weights, adapter off
-            with adapter_disabled(model), torch.no_grad():
-                t_prefix = model.embed_prefix(batch["images"], batch["instr_ids"], batch["state"])
-                t_logits = teacher_logits_for(model, t_prefix, tokens, mask)
-        else:
-            with torch.no_grad():
-                t_prefix = teacher.embed_prefix(batch["images"], batch["instr_ids"], batch["state"])
-                t_logits = teacher_logits_for(teacher, t_prefix, tokens, mask)
-        return distillation_loss(model, prefix, t_logits, tokens, mask, weight)[0]
+        groups = batch_prefixes(model, batch)
+        t_logits = None
+        if cfg.stage == "distill" and cfg.loss == "asymmetric":
+            t_logits = self.teacher_logits(batch, tokens, mask)
+        total = None
+        for rows, prefix in groups:
+            pick = (lambda t: t) if rows is None else (lambda t, r=torch.tensor(rows, device=tokens.device): t[r])
+            args = (pick(tokens), pick(mask), pick(weight))
+            if cfg.stage == "teacher":
+                loss = teacher_loss(model, prefix, *args)[0]
+            elif cfg.loss == "block_diffusion":
+                loss = block_diffusion_loss(model, prefix, *args)[0]
+            else:
+                loss = distillation_loss(model, prefix, pick(t_logits), *args)[0]
+            part = loss if rows is None else loss * (len(rows) / tokens.shape[0])
+            total = part if total is None else total + part
+        if t_logits is not None:  # logged beside the loss: the part of it the student can reduce
+            self.metrics = {"kl": total.item() - teacher_entropy(t_logits, mask, weight).item()}
+        return total
+
+    def teacher_logits(self, batch: dict, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The bidirectional teacher's logits ``[B, L, V]`` on the batch's noised chunk, without gradient:
+        the LoRA student's own weights with the adapter off, or a frozen teacher model."""
+        model, teacher = self.model, self.teacher[0]
+        lora = teacher is model  # the LoRA student: the teacher is the same weights, adapter off
+        with adapter_disabled(model) if lora else contextlib.nullcontext(), torch.no_grad():
+            groups = batch_prefixes(teacher, batch)
+            out = None
+            for rows, t_prefix in groups:
+                if rows is None:
+                    return teacher_logits_for(teacher, t_prefix, tokens, mask)
+                r = torch.tensor(rows, device=tokens.device)
+                logits = teacher_logits_for(teacher, t_prefix, tokens[r], mask[r])
+                if out is None:
+                    out = logits.new_empty(tokens.shape[0], *logits.shape[1:])
+                out[r] = logits
+            return out
 
 
 # settings a run may change when it is resumed (train longer, log differently, other cores, a moved directory)
 RESUMABLE_CHANGES = ("out", "steps", "log_every", "save_every", "threads")
 
 
-def set_block_size(model: ReferenceDVLA, block_size: int) -> None:
-    """Re-block ``model`` (weights do not depend on it); raises if it does not divide the chunk."""
-    model.config = replace(model.config, block_size=block_size)
+def set_block_size(model: DVLAModel, block_size: int) -> None:
+    """Re-block ``model`` (weights do not depend on it); raises if it does not divide the chunk. A
+    model whose config is a dataclass with ``block_size`` (the reference's) has it set there too."""
+    if model.chunk_len % block_size:
+        raise ValueError(f"block_size {block_size} does not divide the chunk of {model.chunk_len} tokens")
+    if hasattr(model.config, "block_size") and not isinstance(model.config, dict):
+        model.config = replace(model.config, block_size=block_size)
     model.block_size = block_size
+
+
+def freeze_parameters(model: nn.Module, names: list[str]) -> None:
+    """Stop training the parameters named, or under the module prefixes named, in ``names``
+    (``lm_head``, ``visual.blocks.0``); a name that matches nothing is refused."""
+    for name in names:
+        hits = [p for n, p in model.named_parameters() if n == name or n.startswith(name + ".")]
+        if not hits:
+            raise ValueError(f"freeze: {name!r} names no parameter of {type(model).__name__}")
+        for p in hits:
+            p.requires_grad_(False)
+
+
+def training_dataset(config: TrainConfig, model: DVLAModel, action_tokenizer=None, state_norm=None,
+                     progress: bool = True):
+    """The samples ``model`` trains on: the reference model's (its bins and state statistics fitted
+    here unless given) or, for a model that owns its processing (a ``PolicyModel``), observations as
+    its policy receives them with its own bins."""
+    if isinstance(model, PolicyModel):
+        if config.state_ignore:
+            raise ValueError(f"state_ignore: {type(model).__name__} normalises its state itself (set it in the "
+                             "model, not in the training config)")
+        return ObservationChunkDataset(config.data, model, max_episodes=config.max_episodes, progress=progress)
+    return ChunkDataset(config.data, model.config, action_tokenizer, state_norm, gripper_dims=config.gripper_dims,
+                        max_episodes=config.max_episodes, progress=progress, state_ignore=config.state_ignore)
 
 
 def changed_settings(saved: dict, current: dict) -> list[str]:
@@ -150,7 +210,7 @@ def read_checkpoint(path: str) -> dict:
 
 class Trainer:
     def __init__(self, config: TrainConfig, dist: DistInfo | None = None, progress: bool = True,
-                 dataset: ChunkDataset | None = None):
+                 dataset: ChunkDataset | ObservationChunkDataset | None = None):
         self.config, self.dist = config, dist or DistInfo()
         self.progress = progress and self.dist.is_main
         if config.threads:
@@ -166,28 +226,33 @@ class Trainer:
                 self.model, tokenizer = start.model, start.action_tokenizer
             else:
                 self.model = ReferenceDVLA(ModelConfig(**config.model))
-            self.dataset = dataset or ChunkDataset(config.data, self.model.config, tokenizer,
-                                                   gripper_dims=config.gripper_dims, max_episodes=config.max_episodes,
-                                                   progress=self.progress, state_ignore=config.state_ignore)
+            self.dataset = dataset or training_dataset(config, self.model, tokenizer, progress=self.progress)
             teacher = None
+            freeze_parameters(self.model, config.freeze)
             params = [p for p in self.model.parameters() if p.requires_grad]
         else:
+            # a policy directory, or a checkpoint in a registered model's own format (Dream-VLA's)
             self.teacher_policy = FastDVLAPolicy.from_pretrained(config.teacher)
             tp = self.teacher_policy
             if config.student_block_size:
                 # the teacher attends bidirectionally: its block size only shapes the student
                 set_block_size(tp.model, config.student_block_size)
-            self.dataset = dataset or ChunkDataset(config.data, tp.model.config, tp.action_tokenizer, tp.state_norm,
-                                                   max_episodes=config.max_episodes, progress=self.progress)
+            if isinstance(tp.model, PolicyModel) and config.student == "full" and config.init == "scratch":
+                raise ValueError(f"init: scratch builds a fresh reference model; a {type(tp.model).__name__} "
+                                 "student starts from its teacher (init: teacher)")
+            self.dataset = dataset or training_dataset(config, tp.model, tp.action_tokenizer, tp.state_norm,
+                                                       progress=self.progress)
             if config.student == "lora":
                 self.model = tp.model
                 params = add_lora(self.model, config.lora_rank)
                 teacher = self.model
             else:
+                if config.init == "teacher":  # a trainable copy, with the teacher's frozen parameters still frozen
+                    self.model = copy.deepcopy(tp.model).train()
+                else:
+                    self.model = ReferenceDVLA(copy.deepcopy(tp.model.config))
                 teacher = tp.model.requires_grad_(False)
-                self.model = (copy.deepcopy(tp.model) if config.init == "teacher"
-                              else ReferenceDVLA(copy.deepcopy(tp.model.config))).requires_grad_(True)
-                self.model.backbone.freeze_unused()
+                freeze_parameters(self.model, config.freeze)
                 params = [p for p in self.model.parameters() if p.requires_grad]
         self.model.train()
         self.loss_module = StageLoss(config, self.model, teacher)
@@ -201,6 +266,7 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self.pending_losses: list[float] = []  # since the last log entry: a resumed run averages the same ones
+        self.pending_metrics: dict[str, list[float]] = {}  # the loss module's other numbers (distillation: kl)
         self.wall = 0.0
         if self.dist.world > 1 and config.batch_size % self.dist.world:
             raise ValueError(f"batch_size {config.batch_size} must divide by the {self.dist.world} ranks")
@@ -213,7 +279,7 @@ class Trainer:
     def state(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "step": self.step, "history": self.history,
-                "pending_losses": self.pending_losses,
+                "pending_losses": self.pending_losses, "pending_metrics": self.pending_metrics,
                 "wall": self.wall, "data_gen": self.data_gen.get_state(), "noise_gen": self.noise_gen.get_state(),
                 "torch_rng": torch.get_rng_state(), "numpy_rng": numpy_rng_state(),
                 "python_rng": random.getstate(), "config": self.config.to_dict()}
@@ -239,6 +305,7 @@ class Trainer:
         self.scheduler.load_state_dict(s["scheduler"])
         self.step, self.history, self.wall = s["step"], s["history"], s["wall"]
         self.pending_losses = list(s.get("pending_losses", []))
+        self.pending_metrics = {k: list(v) for k, v in s.get("pending_metrics", {}).items()}
         self.data_gen.set_state(s["data_gen"])
         self.noise_gen.set_state(s["noise_gen"])
         torch.set_rng_state(s["torch_rng"])
@@ -259,6 +326,10 @@ class Trainer:
             mask, weight = student_noise(B, model.num_blocks, model.block_size, self.noise_gen,
                                          masked_tail_prob=cfg.masked_tail_prob)
         loss = self.loss_module(batch, mask, weight)
+        inner = self.loss_module.module if isinstance(self.loss_module, nn.parallel.DistributedDataParallel) \
+            else self.loss_module
+        for name, value in inner.metrics.items():
+            self.pending_metrics.setdefault(name, []).append(value)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
@@ -282,6 +353,8 @@ class Trainer:
                 rate = len(recent) / (time.perf_counter() - t_last)
                 entry = {"step": self.step, "loss": float(np.mean(recent)), "lr": self.scheduler.get_last_lr()[0],
                          "steps_per_s": rate, "wall_s": self.wall}
+                entry.update({name: float(np.mean(values)) for name, values in self.pending_metrics.items() if values})
+                self.pending_metrics.clear()
                 if eval_fn is not None and eval_every and self.step % eval_every == 0:
                     self.model.eval()
                     entry.update(eval_fn(self.model, self.step))
@@ -314,11 +387,7 @@ class Trainer:
 
     def policy(self) -> FastDVLAPolicy:
         """The model as it stands, as a policy (a copy; a LoRA adapter merged in)."""
-        if self.is_lora:
-            model = ReferenceDVLA(copy.deepcopy(self.model.config))
-            model.load_state_dict(merged_state_dict(self.model))
-        else:
-            model = copy.deepcopy(self.model)
+        model = merged_model(self.model) if self.is_lora else copy.deepcopy(self.model)
         method = "vanilla" if self.config.stage == "teacher" else "fast_dvla"
         return FastDVLAPolicy(model.eval(), self.dataset.action_tokenizer, self.dataset.state_norm,
                               DecodeConfig(method=method))

@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -50,6 +51,30 @@ SEED = 20261205
 HIDDEN, INTER, LAYERS, HEADS, KV_HEADS = 32, 64, 2, 2, 1
 VISION = dict(depth=2, embed_dim=16, hidden_size=24, hidden_act="quick_gelu", mlp_ratio=2, num_heads=2,
               in_chans=3, patch_size=14, spatial_merge_size=2, spatial_patch_size=14, temporal_patch_size=2)
+
+
+class Dims(NamedTuple):
+    """The sizes a checkpoint is written at: the decoder's (Qwen2: q/k/v biases, grouped-query
+    attention ``heads : kv_heads``), the ViT's (``vision``, Qwen2-VL's config fields) and the proprio
+    projector's input. The default is the tiny golden checkpoint; ``scripts/dream_vla_reduced.py``
+    writes a larger one with the same layout and draws. (A NamedTuple, not a dataclass: the tests
+    load this file without registering it as a module, which dataclasses need.)"""
+
+    hidden: int = HIDDEN
+    inter: int = INTER
+    layers: int = LAYERS
+    heads: int = HEADS
+    kv_heads: int = KV_HEADS
+    vision: dict = VISION  # read, never modified
+    proprio_dim: int = 8
+    head_std: float = 0.05  # lm_head rows; the 256 action rows are drawn ten times larger
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+TINY = Dims()
 VOCAB_SIZE = 152064          # Dream-7B's embedding rows (padded past the tokenizer)
 REGULAR_VOCAB = 151643       # Qwen2.5's byte-level BPE vocabulary
 N_BINS = 256
@@ -89,23 +114,25 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs)))
 
 
-def config_dict() -> dict:
+def config_dict(dims: Dims = TINY) -> dict:
+    hd = dims.head_dim
     return {
         "architectures": ["DreamVLAForActionPrediction"], "model_type": "dream-vla",
         "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151643, "pad_token_id": 151643,
         "mask_token_id": 151666, "image_token_id": 151655, "video_token_id": 151656,
         "vision_start_token_id": 151652, "vision_end_token_id": 151653, "vision_token_id": 151654,
-        "hidden_act": "silu", "hidden_size": HIDDEN, "intermediate_size": INTER, "num_hidden_layers": LAYERS,
-        "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS, "max_position_embeddings": 4096,
-        "max_window_layers": LAYERS, "mrope_section": [2, 3, 3],  # sums to head_dim / 2 = 8
+        "hidden_act": "silu", "hidden_size": dims.hidden, "intermediate_size": dims.inter,
+        "num_hidden_layers": dims.layers, "num_attention_heads": dims.heads, "num_key_value_heads": dims.kv_heads,
+        "max_position_embeddings": 4096, "max_window_layers": dims.layers,
+        "mrope_section": [hd // 8, 3 * hd // 16, 3 * hd // 16],  # sums to head_dim / 2 (Qwen2-VL's 16, 24, 24 at 128)
         "rms_norm_eps": 1e-6, "rope_scaling": None, "rope_theta": 1000000.0, "sliding_window": None,
         "use_sliding_window": False, "tie_word_embeddings": False, "use_cache": False, "initializer_range": 0.02,
         "torch_dtype": "float32", "vocab_size": VOCAB_SIZE, "projector_hidden_act": "gelu",
-        "n_action_bins": N_BINS, "vision_config": dict(VISION),
+        "n_action_bins": N_BINS, "vision_config": dict(dims.vision),
     }
 
 
-def weights(gen: torch.Generator) -> dict[str, torch.Tensor]:
+def weights(gen: torch.Generator, dims: Dims = TINY) -> dict[str, torch.Tensor]:
     def normal(*shape, std=1.0):
         return (torch.randn(*shape, generator=gen) * std).contiguous()
 
@@ -122,7 +149,8 @@ def weights(gen: torch.Generator) -> dict[str, torch.Tensor]:
         return out
 
     w: dict[str, torch.Tensor] = {}
-    v = VISION
+    v = dims.vision
+    hidden, inter, heads, kv_heads = dims.hidden, dims.inter, dims.heads, dims.kv_heads
     e, patch_in = v["embed_dim"], 3 * v["temporal_patch_size"] * v["patch_size"] ** 2
     w["visual.patch_embed.proj.weight"] = normal(e, 3, v["temporal_patch_size"], v["patch_size"], v["patch_size"],
                                                  std=1.0 / patch_in ** 0.5)
@@ -138,34 +166,35 @@ def weights(gen: torch.Generator) -> dict[str, torch.Tensor]:
     w.update(norm("visual.merger.ln_q", e, True))
     w.update(linear("visual.merger.mlp.0", merged, merged))
     w.update(linear("visual.merger.mlp.2", merged, v["hidden_size"]))
-    w.update(linear("projector.linear_1", v["hidden_size"], HIDDEN))
-    w.update(linear("projector.linear_2", HIDDEN, HIDDEN))
-    w["model.embed_tokens.weight"] = normal(VOCAB_SIZE, HIDDEN)
-    head_dim = HIDDEN // HEADS
-    for i in range(LAYERS):
+    w.update(linear("projector.linear_1", v["hidden_size"], hidden))
+    w.update(linear("projector.linear_2", hidden, hidden))
+    w["model.embed_tokens.weight"] = normal(VOCAB_SIZE, hidden)
+    head_dim = hidden // heads
+    for i in range(dims.layers):
         p = f"model.layers.{i}"
-        w.update(norm(f"{p}.input_layernorm", HIDDEN, False))
-        w.update(norm(f"{p}.post_attention_layernorm", HIDDEN, False))
-        w.update(linear(f"{p}.self_attn.q_proj", HIDDEN, HEADS * head_dim, gain=2.0))
-        w.update(linear(f"{p}.self_attn.k_proj", HIDDEN, KV_HEADS * head_dim, gain=2.0))
-        w.update(linear(f"{p}.self_attn.v_proj", HIDDEN, KV_HEADS * head_dim, gain=2.0))
-        w.update(linear(f"{p}.self_attn.o_proj", HEADS * head_dim, HIDDEN, bias=False, gain=2.0))
-        w.update(linear(f"{p}.mlp.gate_proj", HIDDEN, INTER, bias=False))
-        w.update(linear(f"{p}.mlp.up_proj", HIDDEN, INTER, bias=False))
-        w.update(linear(f"{p}.mlp.down_proj", INTER, HIDDEN, bias=False))
-    w.update(norm("model.norm", HIDDEN, False))
-    head = normal(VOCAB_SIZE, HIDDEN, std=0.05)
+        w.update(norm(f"{p}.input_layernorm", hidden, False))
+        w.update(norm(f"{p}.post_attention_layernorm", hidden, False))
+        w.update(linear(f"{p}.self_attn.q_proj", hidden, heads * head_dim, gain=2.0))
+        w.update(linear(f"{p}.self_attn.k_proj", hidden, kv_heads * head_dim, gain=2.0))
+        w.update(linear(f"{p}.self_attn.v_proj", hidden, kv_heads * head_dim, gain=2.0))
+        w.update(linear(f"{p}.self_attn.o_proj", heads * head_dim, hidden, bias=False, gain=2.0))
+        w.update(linear(f"{p}.mlp.gate_proj", hidden, inter, bias=False))
+        w.update(linear(f"{p}.mlp.up_proj", hidden, inter, bias=False))
+        w.update(linear(f"{p}.mlp.down_proj", inter, hidden, bias=False))
+    w.update(norm("model.norm", hidden, False))
+    head = normal(VOCAB_SIZE, hidden, std=dims.head_std)
     first_action = len_tokenizer() - N_BINS
-    head[first_action:first_action + N_BINS] *= 10.0  # action rows: std 0.5
+    head[first_action:first_action + N_BINS] *= 10.0  # action rows: std 0.5 (tiny)
     w["lm_head.weight"] = head
     return w
 
 
-def proprio_projector(gen: torch.Generator) -> dict[str, torch.Tensor]:
-    return {"fc1.weight": torch.randn(HIDDEN, PROPRIO_DIM, generator=gen) / PROPRIO_DIM ** 0.5,
-            "fc1.bias": torch.randn(HIDDEN, generator=gen) * 0.1,
-            "fc2.weight": torch.randn(HIDDEN, HIDDEN, generator=gen) / HIDDEN ** 0.5,
-            "fc2.bias": torch.randn(HIDDEN, generator=gen) * 0.1}
+def proprio_projector(gen: torch.Generator, dims: Dims = TINY) -> dict[str, torch.Tensor]:
+    h, d = dims.hidden, dims.proprio_dim
+    return {"fc1.weight": torch.randn(h, d, generator=gen) / d ** 0.5,
+            "fc1.bias": torch.randn(h, generator=gen) * 0.1,
+            "fc2.weight": torch.randn(h, h, generator=gen) / h ** 0.5,
+            "fc2.bias": torch.randn(h, generator=gen) * 0.1}
 
 
 def len_tokenizer() -> int:
@@ -208,17 +237,20 @@ def statistics(gen: torch.Generator) -> dict:
                          "num_transitions": 1000, "num_trajectories": 10}}
 
 
-def write(out_dir) -> Path:
-    """Write the checkpoint into ``out_dir`` (created); returns it."""
+def write(out_dir, dims: Dims = TINY, seed: int = SEED, dataset_statistics: dict | None = None) -> Path:
+    """Write the checkpoint into ``out_dir`` (created); returns it. ``dims``, ``seed``: another size
+    and draw (the defaults are the golden checkpoint); ``dataset_statistics``: the statistics to
+    write (default: random ones under ``UNNORM_KEY``, drawn after the weights)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator(device="cpu").manual_seed(SEED)
-    (out / "config.json").write_text(json.dumps(config_dict(), indent=2))
-    save_file(weights(gen), str(out / "model.safetensors"), metadata={"format": "pt"})
-    torch.save(proprio_projector(gen), out / "proprio_projector--0_checkpoint.pt")
-    (out / "dataset_statistics.json").write_text(json.dumps(statistics(gen), indent=2))
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    (out / "config.json").write_text(json.dumps(config_dict(dims), indent=2))
+    save_file(weights(gen, dims), str(out / "model.safetensors"), metadata={"format": "pt"})
+    torch.save(proprio_projector(gen, dims), out / "proprio_projector--0_checkpoint.pt")
+    stats = statistics(gen) if dataset_statistics is None else dataset_statistics
+    (out / "dataset_statistics.json").write_text(json.dumps(stats, indent=2))
     (out / "preprocessor_config.json").write_text(json.dumps({
         "min_pixels": 3136, "max_pixels": 3211264, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
         "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
