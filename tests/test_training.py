@@ -10,7 +10,7 @@ from fast_dvla import DecodeConfig, FastDVLAPolicy, decode
 from fast_dvla.masks import BLOCK_CAUSAL
 from fast_dvla.training.config import TrainConfig
 from fast_dvla.training.losses import distillation_loss, forward_full
-from fast_dvla.training.noise import forcing_ratios, mask_tails, student_noise, teacher_noise
+from fast_dvla.training.noise import bias_to_high_noise, forcing_ratios, mask_tails, student_noise, teacher_noise
 from fast_dvla.training.synthetic import write_synthetic_dataset
 from fast_dvla.training.trainer import Trainer
 from helpers import TINY, random_prefix, tiny_model
@@ -56,6 +56,26 @@ def test_masked_tails_cover_all_mask_blocks_and_default_to_d2f():
         TrainConfig(stage="distill", data="d", out="o", teacher="t", masked_tail_prob=1.5)
     with pytest.raises(ValueError, match="distill stage"):
         TrainConfig(stage="teacher", data="d", out="o", masked_tail_prob=0.5)
+
+
+def test_high_noise_bias_moves_ratios_toward_all_mask_and_defaults_to_d2f():
+    p = forcing_ratios(4000, 8, torch.Generator().manual_seed(3))
+    assert torch.equal(bias_to_high_noise(p, 0.0), p)
+    biased = bias_to_high_noise(p, 2.0)
+    assert torch.allclose(1 - biased, (1 - p) ** 3)  # the family's definition
+    assert (biased >= p).all() and (biased[:, 1:] >= biased[:, :-1]).all()  # noisier, order kept
+    assert biased.mean() > p.mean() + 0.15
+    plain = student_noise(500, 8, 7, torch.Generator().manual_seed(5))
+    off = student_noise(500, 8, 7, torch.Generator().manual_seed(5), high_noise_bias=0.0)
+    assert all(torch.equal(a, b) for a, b in zip(plain, off))  # off: bit for bit the default
+    mask, weight = student_noise(4000, 8, 7, torch.Generator().manual_seed(5), high_noise_bias=3.0)
+    assert mask.float().mean() > plain[0].float().mean() + 0.15  # more of each block hidden
+    assert (weight >= 1).all() and weight.max() < 1 / 0.2 + 1e-4  # 1/p' stays bounded by D2F's smallest ratio
+    for bad in (-1.0, 100.0, True):
+        with pytest.raises(ValueError, match="high_noise_bias"):
+            TrainConfig(stage="distill", data="d", out="o", teacher="t", high_noise_bias=bad)
+    with pytest.raises(ValueError, match="distill stage"):
+        TrainConfig(stage="teacher", data="d", out="o", high_noise_bias=1.0)
 
 
 # -- losses ---------------------------------------------------------------------

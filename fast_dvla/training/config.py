@@ -28,6 +28,9 @@ class TrainConfig:
     lora_rank: int = 32
     # distill stage: share of samples whose trailing blocks are all [MASK] (noise.mask_tails; 0 = D2F's scheme)
     masked_tail_prob: float = 0.0
+    # distill stage: mask ratios p -> 1 - (1 - p)^(1 + bias), toward all-[MASK] blocks (noise.bias_to_high_noise;
+    # 0 = D2F's ratios), for a student meant to decode in few forwards
+    high_noise_bias: float = 0.0
     # distill stage: tokens per block of the student (default: the teacher's, the action dim); a
     # multiple of the action dim lets a block hold several timesteps decoded jointly (docs/design.md#sequence-layout-and-tokens)
     student_block_size: int | None = None
@@ -81,6 +84,7 @@ class TrainConfig:
 
     def _check_stage_only_settings(self) -> None:
         distill_only = {"masked_tail_prob": "the teacher's noise covers every ratio",
+                        "high_noise_bias": "the teacher's noise covers every ratio",
                         "student_block_size": "a teacher attends bidirectionally"}
         teacher_only = {"init_from": "a student starts from its 'teacher'",
                         "model": "a student takes its teacher's model",
@@ -109,6 +113,8 @@ class TrainConfig:
         check_at_least(self, ("warmup_steps", "seed"), 0)
         if not 0.0 <= self.masked_tail_prob <= 1.0:
             raise ConfigError(f"expected a number in [0, 1], got {self.masked_tail_prob!r}", "masked_tail_prob")
+        if isinstance(self.high_noise_bias, bool) or not (isinstance(self.high_noise_bias, (int, float)) and 0.0 <= self.high_noise_bias <= 50.0):
+            raise ConfigError(f"expected a number in [0, 50] (0: off), got {self.high_noise_bias!r}", "high_noise_bias")
         if not self.lr > 0:
             raise ConfigError(f"expected a number > 0, got {self.lr!r}", "lr")
         for name in ("weight_decay", "grad_clip"):  # grad_clip 0: no clipping

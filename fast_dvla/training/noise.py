@@ -45,11 +45,25 @@ def mask_tails(ratios: torch.Tensor, prob: float, generator: torch.Generator) ->
     return torch.where(in_tail, torch.ones_like(ratios), ratios)
 
 
+def bias_to_high_noise(ratios: torch.Tensor, bias: float) -> torch.Tensor:
+    """(ours, off by default) ``p -> 1 - (1 - p) ** (1 + bias)``: the family that moves the mask ratios
+    toward 1 (``bias = 0``: unchanged; each further unit shrinks the unmasked share ``1 - p`` by another
+    factor ``1 - p``). A student trained mostly on nearly-all-[MASK] blocks must commit confidently from
+    its first forward over a block, which is where a few-step decoder spends its forwards. Monotone, so
+    diffusion forcing's left-to-right order of ratios is kept."""
+    if bias == 0:
+        return ratios
+    return 1 - (1 - ratios) ** (1 + bias)
+
+
 def student_noise(batch: int, num_blocks: int, block_size: int, generator: torch.Generator, device="cpu",
-                  masked_tail_prob: float = 0.0):
+                  masked_tail_prob: float = 0.0, high_noise_bias: float = 0.0):
     """Every token of block ``b`` masked with probability ``p_b``. Returns
-    ``(mask [B, L], weight [B, L] = 1/p_b)``, at least one masked token per sample."""
+    ``(mask [B, L], weight [B, L] = 1/p_b)``, at least one masked token per sample.
+    ``high_noise_bias`` (:func:`bias_to_high_noise`) is applied to the ratios last, so it draws no
+    random numbers: with 0 the noise is bit for bit the default's."""
     ratios = mask_tails(forcing_ratios(batch, num_blocks, generator), masked_tail_prob, generator)
+    ratios = bias_to_high_noise(ratios, high_noise_bias)
     p = ratios.repeat_interleave(block_size, dim=1)
     length = num_blocks * block_size
     mask = torch.rand(batch, length, generator=generator) < p

@@ -324,7 +324,8 @@ class Trainer:
             mask, weight = teacher_noise(B, L, self.noise_gen)
         else:
             mask, weight = student_noise(B, model.num_blocks, model.block_size, self.noise_gen,
-                                         masked_tail_prob=cfg.masked_tail_prob)
+                                         masked_tail_prob=cfg.masked_tail_prob,
+                                         high_noise_bias=cfg.high_noise_bias)
         loss = self.loss_module(batch, mask, weight)
         inner = self.loss_module.module if isinstance(self.loss_module, nn.parallel.DistributedDataParallel) \
             else self.loss_module
