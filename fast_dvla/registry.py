@@ -9,6 +9,10 @@ name up here and nowhere else: a file names a builder, never a class or module t
   directory in Dream-VLA's own published format (``adapter="dream_vla"``, or recognised by its
   ``config.json``).
 
+A UD-VLA checkpoint (:class:`~fast_dvla.adapters.ud_vla.UDVLA`) is a model the engine decodes, not
+a policy (its observations are Emu3 VQ codes from a separate image tokenizer, its 69 FAST tokens
+are no ``horizon x action_dim`` grid): its ``config.json`` is recognised only to say so.
+
 A user adds a :class:`~fast_dvla.policy_model.PolicyModel` subclass with :func:`register_model`.
 """
 from __future__ import annotations
@@ -17,6 +21,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .adapters.dream_vla import DreamVLA, is_dream_vla_config
+from .adapters.ud_vla import is_ud_vla_config
 from .backbone import DVLAModel
 from .config import DecodeConfig
 from .model import ModelConfig, ReferenceDVLA
@@ -110,6 +115,10 @@ def recognize_checkpoint(config) -> RegisteredModel | None:
     if not isinstance(config, dict):
         return None
     found = [entry for name, entry in sorted(_REGISTRY.items()) if entry.recognizes and entry.recognizes(config)]
+    if not found and is_ud_vla_config(config):
+        raise ConfigError("a UD-VLA checkpoint, which fast-dvla decodes as a model but not as a policy: load it with "
+                          "fast_dvla.adapters.UDVLA.from_pretrained(path) and decode model.engine_prefix(...) with "
+                          "fast_dvla.decode (docs/ud_vla.md)", "architectures")
     return found[0] if len(found) == 1 else None
 
 
