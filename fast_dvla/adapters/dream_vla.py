@@ -336,6 +336,30 @@ class DreamKVCache(BlockKVCache):
         batch, max_len = self.keys[0].shape[0], self.max_len
         self.hidden = torch.zeros(batch, max_len, hidden_size, dtype=self.keys[0].dtype, device=self.keys[0].device)
 
+    @classmethod
+    def for_decoder(cls, config, batch_size: int, max_len: int, like: torch.Tensor) -> "DreamKVCache":
+        """A cache for a transformers decoder ``config`` (layers, key/value heads, head and hidden
+        sizes), in ``like``'s dtype and on its device."""
+        return cls(config.num_hidden_layers, batch_size, config.num_key_value_heads,
+                   config.hidden_size // config.num_attention_heads, max_len, dtype=like.dtype, device=like.device,
+                   hidden_size=config.hidden_size)
+
+
+def shift_one_place(hidden: torch.Tensor, cache: DreamKVCache | None, start: int) -> torch.Tensor:
+    """The hidden states that predict the window's positions ``[start, start + Q)`` from the decoder's
+    outputs there (``hidden [B, Q, H]``): for position ``p`` the output at ``p - 1`` (at 0 its own).
+    The window's outputs are stored in the cache, whose earlier entries supply the one before ``start``;
+    an uncached forward must start at 0."""
+    Q = hidden.shape[1]
+    if cache is not None:
+        cache.hidden[:, start:start + Q] = hidden
+        first = cache.hidden[:, start - 1:start] if start > 0 else hidden[:, :1]
+    else:
+        if start != 0:
+            raise ValueError("an uncached forward must start at position 0")
+        first = hidden[:, :1]
+    return torch.cat([first, hidden[:, :-1]], dim=1)
+
 
 # -- the model --------------------------------------------------------------------------------------
 class DreamVLA(PolicyModel):
@@ -620,15 +644,7 @@ class DreamVLA(PolicyModel):
             positions = torch.cat([positions, layout.kv_len + torch.arange(SUFFIX_LEN, device=positions.device)])
             mask = torch.ones(1, 1, Q + SUFFIX_LEN, layout.kv_len + SUFFIX_LEN, dtype=torch.bool, device=embeds.device)
         hidden = self._decoder(embeds, positions + 1, mask, cache, cached_queries=Q)[:, :Q]
-        start = layout.q_start
-        if cache is not None:
-            cache.hidden[:, start:start + Q] = hidden
-            first = cache.hidden[:, start - 1:start] if start > 0 else hidden[:, :1]
-        else:
-            if start != 0:
-                raise ValueError("an uncached forward must start at position 0")
-            first = hidden[:, :1]
-        return torch.cat([first, hidden[:, :-1]], dim=1)
+        return shift_one_place(hidden, cache, layout.q_start)
 
     def _decoder(self, embeds, positions, mask, cache, cached_queries: int):
         """The Qwen2 decoder stack with our mask: norm -> q/k/v (+bias) -> RoPE -> SDPA -> o ->
@@ -665,11 +681,7 @@ class DreamVLA(PolicyModel):
         return F.linear(hidden, self.lm_head.weight[self.action_ids])
 
     def new_cache(self, batch_size: int, max_len: int) -> DreamKVCache:
-        cfg = self.model.config
-        p = self.lm_head.weight
-        return DreamKVCache(cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads,
-                            cfg.hidden_size // cfg.num_attention_heads, max_len, dtype=p.dtype, device=p.device,
-                            hidden_size=cfg.hidden_size)
+        return DreamKVCache.for_decoder(self.model.config, batch_size, max_len, like=self.lm_head.weight)
 
     # -- the original's generation ----------------------------------------------------------------
     @torch.no_grad()

@@ -66,7 +66,7 @@ from torch.nn import functional as F
 from ..backbone import DVLAModel, lean_forward
 from ..masks import AttentionLayout
 from ..schema import ConfigError
-from .dream_vla import DreamKVCache
+from .dream_vla import DreamKVCache, shift_one_place
 from .ud_vla_sampler import ACTION_REGION, blockwise_attention, make_mask, region_vocabularies, sample
 from .ud_vla_tokens import (BOA_ID, BOI_ID, EOA_ID, FAST_LAST_ID, MASK_ID, Emu3TextTokenizer, FastActions,
                             prompt_ids)
@@ -252,29 +252,17 @@ class UDVLA(DVLAModel):
         at ``p - 1`` (at 0 its own); positions as given (the original's are 0-based too)."""
         if not isinstance(layout, AttentionLayout):
             raise TypeError(f"expected the forward's fast_dvla.masks.AttentionLayout, got {type(layout).__name__}")
-        B, Q = embeds.shape[:2]
+        B = embeds.shape[0]
         position_ids = positions.reshape(1, -1).expand(B, -1)
         hidden = lean_forward(self.model, embeds, position_ids, self.engine_mask(layout, embeds), cache)
-        start = layout.q_start
-        if cache is not None:
-            cache.hidden[:, start:start + Q] = hidden
-            first = cache.hidden[:, start - 1:start] if start > 0 else hidden[:, :1]
-        else:
-            if start != 0:
-                raise ValueError("an uncached forward must start at position 0")
-            first = hidden[:, :1]
-        return torch.cat([first, hidden[:, :-1]], dim=1)
+        return shift_one_place(hidden, cache, layout.q_start)
 
     def action_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``lm_head`` restricted to the action ids, in bin order."""
         return F.linear(hidden, self.lm_head.weight[self.action_ids])
 
     def new_cache(self, batch_size: int, max_len: int) -> DreamKVCache:
-        cfg = self.model.config
-        p = self.lm_head.weight
-        return DreamKVCache(cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads,
-                            cfg.hidden_size // cfg.num_attention_heads, max_len, dtype=p.dtype, device=p.device,
-                            hidden_size=cfg.hidden_size)
+        return DreamKVCache.for_decoder(self.model.config, batch_size, max_len, like=self.lm_head.weight)
 
     # -- the original's generation ----------------------------------------------------------------
     def original_logits(self, input_ids: torch.Tensor, seq_len: int) -> torch.Tensor:
