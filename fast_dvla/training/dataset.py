@@ -51,12 +51,8 @@ class ChunkDataset:
         """``root``: an episodes directory, or a list of them (expert demos plus relabelled
         policy rollouts, say); ``max_episodes`` counts over all of them, in order."""
         cfg = model_config
-        roots = [root] if isinstance(root, str) else list(root)
-        if not roots:
-            raise ValueError("no episodes directory given")
-        files = []  # (path, the dataset info of its directory)
-        for r in roots:
-            info = read_dataset_info(r)
+
+        def check(r, info):
             if info["action_dim"] != cfg.action_dim or info["state_dim"] != cfg.state_dim:
                 raise ValueError(f"{r}: dataset action/state dims {info['action_dim']}/{info['state_dim']} "
                                  f"!= model's {cfg.action_dim}/{cfg.state_dim}")
@@ -65,11 +61,8 @@ class ChunkDataset:
             absent = [c for c in cfg.cameras if c not in info["cameras"]]
             if absent:
                 raise ValueError(f"{r}: the model needs cameras {absent} that the dataset lacks")
-            paths = list_episodes(r)
-            if not paths:
-                raise ValueError(f"{r}: no episode files")
-            files.extend((p, info) for p in paths)
-        files = files[:max_episodes]
+
+        files = _episode_files(root, check)[:max_episodes]  # (path, the dataset info of its directory)
         self.config = cfg
         self.episodes = [read_episode(p, info) for p, info in tqdm(files, desc="loading episodes", disable=not progress)]
         actions = np.concatenate([e["action"] for e in self.episodes])

@@ -62,18 +62,5 @@ def merged_model(model):
     return merged
 
 
-def merged_state_dict(model) -> dict[str, torch.Tensor]:
-    """Weights with the adapter folded in, under the plain model's names."""
-    merged = copy.deepcopy(model)
-    for layer in _tuner_layers(merged):
-        layer.merge()
-    out = {}
-    for name, tensor in merged.state_dict().items():
-        if "lora_" in name:
-            continue
-        out[name.replace(".base_layer.", ".")] = tensor.detach().clone()
-    return out
-
-
 def adapter_state_dict(model) -> dict[str, torch.Tensor]:
     return {n: t.detach().clone() for n, t in model.state_dict().items() if "lora_" in n}
