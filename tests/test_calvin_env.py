@@ -108,6 +108,39 @@ def test_rendered_observation_matches_the_policy_contract_and_the_recorded_one()
 
 
 @needs_calvin
+def test_an_episode_repeats_exactly_after_another_in_the_same_process():
+    """A benchmark runs many chains in one environment: the second run of an episode must see what the
+    first saw. calvin_env's own reset keeps the previous episode's gripper command (checked first, so
+    that this test would catch the leak), which changed the policy's first observation."""
+    condition, _ = protocol.official_chains(1)[0]
+    robot, scene = protocol.initial_scene(condition)
+    rng = np.random.default_rng(0)
+    actions = rng.uniform(-1, 1, size=(12, 7))
+    actions[:, 6] = np.where(np.arange(12) < 6, 1.0, -1.0)  # ends with the gripper closed
+
+    with ce.CalvinEnv(image_size=32) as env:
+        def episode():
+            obs = env.reset(robot, scene)
+            seen = [(obs["state"], obs["images"]["static"], obs["images"]["gripper"])]
+            for a in actions:
+                obs, _ = env.step(a)
+                seen.append((obs["state"], obs["images"]["static"], obs["images"]["gripper"]))
+            return seen
+
+        first = episode()
+        assert env.raw_obs["robot_obs"][14] == -1
+        assert env.env.reset(robot_obs=robot, scene_obs=scene)["robot_obs"][14] == -1  # calvin_env's leak
+        second = episode()
+    assert first[0][0][7] == 1.0
+    for step, (a, b) in enumerate(zip(first, second)):
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y, err_msg=f"step {step}")
+    with pytest.raises(ValueError, match="robot_obs must have 15"):
+        with ce.CalvinEnv(image_size=None) as env:
+            env.reset(robot[:8], scene)
+
+
+@needs_calvin
 def test_oracle_reports_a_subtask_only_after_it_happens():
     cond = next(c for c in protocol.initial_conditions() if c["drawer"] == "closed")
     with ce.CalvinEnv(image_size=None) as env:

@@ -221,7 +221,18 @@ class CalvinEnv:
         return list(self.oracle.tasks)
 
     def reset(self, robot_obs=None, scene_obs=None) -> dict:
+        """The scene and robot set to ``robot_obs``/``scene_obs`` (defaults: calvin_env's), with nothing
+        carried over from the previous episode: calvin_env's own reset leaves the robot's gripper
+        command and the buttons' last-pressed flags as the previous episode left them, so the
+        first observation (its gripper-command entry) and a press at the first step depended on
+        what ran before; here they follow ``robot_obs`` and the reset scene."""
+        if robot_obs is not None and np.shape(robot_obs) != (15,):
+            raise ValueError(f"robot_obs must have 15 entries (calvin_env's robot_obs), got shape {np.shape(robot_obs)}")
+        robot = self.env.robot
+        robot.gripper_action = 1 if robot_obs is None or float(np.asarray(robot_obs)[14]) > 0 else -1
         self.raw_obs = self.env.reset(robot_obs=robot_obs, scene_obs=scene_obs)
+        for button in self.env.scene.buttons:
+            button.prev_is_pressed = button._is_pressed
         self.subtask, self._start_info = None, None
         return self.observation()
 
