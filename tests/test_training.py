@@ -302,9 +302,37 @@ def test_convergence_command_writes_its_table(tmp_path):
     parser = argparse.ArgumentParser()
     convergence.add_arguments(parser)
     args = parser.parse_args(["--steps", "10", "--eval-every", "5", "--teacher-steps", "10", "--episodes", "6",
-                              "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "conv")])
+                              "--seeds", "0,1", "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "conv")])
     convergence.main(args)
     result = json.loads((tmp_path / "conv.json").read_text())
-    assert [r["run"] for r in result["rows"]] == list(convergence.RUNS)
-    assert all(len(c) == 3 and "accuracy" in c[-1] for c in result["curves"].values())  # step 0, 5, 10
+    assert [t["target_fraction"] for t in result["tables"]] == [0.95, 1.0]
+    assert all([r["run"] for r in t["rows"]] == list(convergence.RUNS) for t in result["tables"])
+    assert [s["seed"] for s in result["seeds"]] == [0, 1]
+    for seed in result["seeds"]:
+        assert all([h["step"] for h in c] == [0, 5, 10] for c in seed["curves"].values())
+    # step 0 is evaluated before training: both students started from the teacher start equal
+    for seed in result["seeds"]:
+        from_teacher = [c[0]["accuracy"] for name, c in seed["curves"].items() if "from teacher" in name]
+        assert len(from_teacher) == 2 and from_teacher[0] == from_teacher[1]
+    # the two seeds train different teachers
+    assert result["seeds"][0]["curves"] != result["seeds"][1]["curves"]
     assert (tmp_path / "conv.md").exists() and (tmp_path / "conv.png").exists()
+
+
+def test_convergence_summary_counts_steps_and_ratios_per_seed():
+    from fast_dvla_eval import convergence
+
+    def seed(target, **accs):  # a teacher at 1.0 and a target of `target` of it
+        curves = {name: [{"step": 25 * i, "accuracy": a} for i, a in enumerate(accs[key])]
+                  for name, key in zip(convergence.RUNS, ("a", "b", "c", "d"))}
+        return convergence.with_target({"teacher_accuracy": 1.0, "curves": curves}, target)
+
+    seeds = [seed(0.5, a=[0.4, 0.5, 0.6, 0.6], b=[0.4, 0.45, 0.5, 0.6], c=[0.1, 0.2, 0.3, 0.5], d=[0.1, 0.2, 0.3, 0.4]),
+             seed(0.5, a=[0.4, 0.45, 0.5, 0.6], b=[0.4, 0.4, 0.4, 0.5], c=[0.1, 0.2, 0.3, 0.4], d=[0.1, 0.1, 0.1, 0.1])]
+    rows = {r["run"]: r for r in convergence.summarise(seeds, steps=75)}
+    a, b, c, d = (rows[n] for n in convergence.RUNS)
+    assert a["steps_to_target"] == [25, 50] and a["x_slower"] == 1.0 and a["reached"] == "2/2"
+    assert b["steps_to_target"] == [50, 75] and b["x_slower"] == 1.75  # median of 2.0 and 1.5
+    assert c["steps_to_target"] == [75, None] and c["reached"] == "1/2" and c["median_steps"] is None
+    assert d["steps_to_target"] == [None, None] and d["x_slower_at_least"] and d["x_slower_text"] == ">= 2.0"
+    assert abs(a["start_minus_target"] + 0.1) < 1e-9
