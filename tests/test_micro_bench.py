@@ -61,3 +61,29 @@ def test_micro_bench_runs_each_decoder_with_its_policys_own_settings(tmp_path):
     assert rows["vanilla"]["nfe"] == 12 and rows["vanilla_cached"]["nfe"] == 5
     rows = {r["method"]: r for r in micro_bench.run(parser.parse_args(common + ["--vanilla-steps", "7"]))["results"]}
     assert rows["vanilla"]["nfe"] == 7 and rows["vanilla_cached"]["nfe"] == 7
+
+
+def test_micro_bench_times_a_ud_vla_checkpoint(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("ud_vla_tiny", root / "scripts/goldens/ud_vla_tiny.py")
+    tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny)
+    checkpoint = str(tiny.write(tmp_path / "ckpt"))
+    parser = argparse.ArgumentParser()
+    micro_bench.add_arguments(parser)
+    args = parser.parse_args(["--ud-vla", checkpoint, "--repeats", "2", "--warmup", "0",
+                              "--decoders", "vanilla,fast_dvla,vanilla_cached", "--out", str(tmp_path / "r.json")])
+    micro_bench.main(args)
+    result = json.loads((tmp_path / "r.json").read_text())
+    rows = {r["method"]: r for r in result["results"]}
+    P, L = result["prefix_tokens"], result["chunk_tokens"]
+    assert L == 69 and P > 600  # the prompt with both cameras' codes and the masked future frames
+    assert rows["vanilla"]["nfe"] == 12 and rows["vanilla"]["query_tokens"] == 12 * (P + L)
+    assert rows["fast_dvla"]["query_tokens"] < rows["vanilla"]["query_tokens"] / 2
+    assert rows["vanilla_cached"]["nfe"] == 12 and rows["vanilla_cached"]["query_tokens"] <= P + 12 * L
+    assert all(r["action_hz"] is None and r["tokens_per_s"] > 0 for r in rows.values())
+    with pytest.raises(SystemExit, match="no --teacher"):
+        micro_bench.run(parser.parse_args(["--ud-vla", checkpoint, "--random"]))

@@ -6,6 +6,7 @@ independent), latency, action tokens/s and the speedup over vanilla.
     fast-dvla micro-bench --data data/libero_object_demos_v3 --decoders vanilla,fast_dvla --repeats 48
     fast-dvla micro-bench --random --model hidden_size=4096,num_heads=32,num_kv_heads=8,num_layers=2,\
         intermediate_size=14336 --device cuda --dtype bf16 --attn-backend triton   # a 7B-shaped backbone slice
+    fast-dvla micro-bench --ud-vla CKPT --vanilla-steps 72      # a UD-VLA checkpoint folder, random VQ codes
 
 Without checkpoints it uses the shipped LIBERO-Object reference teacher and
 student; with ``--random`` a randomly initialised model, whose near-uniform
@@ -13,6 +14,13 @@ confidences make the thresholded decoders fall back to the 1/n rule (the
 engine's cost, not a trained policy's). Observations are random images, or
 with ``--data`` frames drawn from recorded demonstrations (what a trained
 policy's confidences, hence its NFE, look like in use).
+
+``--ud-vla CKPT`` times a UD-VLA checkpoint (``fast_dvla.adapters.UDVLA``), which is a model, not
+a policy: its observations are VQ codes of Emu3's separate image tokenizer, so each prompt is a
+CALVIN instruction with random codes (third-person 25 x 25, gripper 10 x 10, as UD-VLA's CALVIN
+evaluation), and every decoder runs on the checkpoint's own weights, the student's decoders under
+the block-causal mask (the weights before any distillation: the engine's cost, not a distilled
+student's confidences).
 """
 from __future__ import annotations
 
@@ -23,11 +31,11 @@ import platform
 import numpy as np
 import torch
 
-from fast_dvla import FastDVLAPolicy
+from fast_dvla import DecodeConfig, FastDVLAPolicy
 from fast_dvla.attention import BACKEND_NAMES, use_backend
 from fast_dvla.benchmark.observations import random_observation
 from fast_dvla.benchmark.report import markdown_table, write_json
-from fast_dvla.benchmark.throughput import (COLUMNS, add_override_arguments, measure, overrides_from,
+from fast_dvla.benchmark.throughput import (COLUMNS, add_override_arguments, measure, measure_decode, overrides_from,
                                             parse_decoders, policy_configs, process_peak_rss_mb)
 from fast_dvla.config import METHODS
 from fast_dvla.data.frames import sample_frames
@@ -93,15 +101,58 @@ def attention_backend(model) -> str:
     return name or f"{type(model).__name__}'s own"
 
 
+UD_VLA_GRIDS = {"static": (25, 25), "gripper": (10, 10)}  # VQ code grids of UD-VLA's CALVIN evaluation
+EMU3_CODEBOOK = 32768  # Emu3's VQ codes
+
+
+def ud_vla_prefixes(model, repeats: int, seed: int) -> list[torch.Tensor]:
+    """One prefix per repeat: a CALVIN instruction and random VQ codes of both cameras."""
+    from fast_dvla.envs.calvin_protocol import INSTRUCTIONS
+
+    rng = np.random.default_rng(seed)
+    instructions = sorted(INSTRUCTIONS.values())
+    prefixes = []
+    for i in range(repeats):
+        codes = {cam: rng.integers(0, EMU3_CODEBOOK, size=hw) for cam, hw in UD_VLA_GRIDS.items()}
+        ids = model.prompt(instructions[i % len(instructions)], codes["static"], codes["gripper"])
+        prefixes.append(model.engine_prefix(*type(model).batch_ids([ids])))
+    return prefixes
+
+
+def run_ud_vla(args, methods) -> dict:
+    from fast_dvla.adapters import UDVLA
+
+    if args.teacher or args.student or args.random or args.data or args.batch != 1:
+        raise SystemExit("--ud-vla times one checkpoint on random VQ codes: no --teacher/--student/--random/--data, "
+                         "batch 1")
+    model = UDVLA.from_pretrained(args.ud_vla, dtype=DTYPES[args.dtype]).to(args.device)
+    given = {k: v for k, v in overrides_from(args).items() if v is not None}
+    configs = {m: DecodeConfig(method=m).replace(**given) for m in methods}
+    prefixes = ud_vla_prefixes(model, args.repeats, args.seed)
+    rows = measure_decode({m: model for m in methods}, prefixes, configs, methods, warmup=args.warmup)
+    cfg = model.config
+    return {"model": f"UD-VLA checkpoint {args.ud_vla} (the student's decoders on its weights, not distilled)",
+            "model_config": {k: cfg.get(k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                      "num_key_value_heads", "intermediate_size", "vocab_size")},
+            "prefix_tokens": int(prefixes[0].shape[1]), "chunk_tokens": model.chunk_len,
+            "block_size": model.block_size, "device": args.device, "dtype": args.dtype,
+            "attn_backend": attention_backend(model), "observations": "random VQ codes", "batch": 1,
+            "repeats": len(prefixes), "decode": {m: c.to_dict() for m, c in configs.items()},
+            "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+            "peak_rss_mb": process_peak_rss_mb(), "date": datetime.date.today().isoformat(), "results": rows}
+
+
 def run(args) -> dict:
     methods = parse_decoders(args.decoders)  # before any loading
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU is visible to torch here")
+    if args.ud_vla:
+        return run_ud_vla(args, methods)
     if bool(args.teacher) != bool(args.student):
         raise SystemExit("give both --teacher and --student, or neither")
     model_overrides = parse_model_overrides(args.model)
     if model_overrides and not args.random:
         raise SystemExit("--model shapes a random-init model: give --random with it")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA GPU is visible to torch here")
     if not args.teacher and not args.random:
         args.teacher, args.student = reference_policy_dir("teacher"), reference_policy_dir("student")
     if args.teacher:
@@ -133,6 +184,8 @@ def run(args) -> dict:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", help="teacher checkpoint directory (vanilla, fast_dllm)")
     p.add_argument("--student", help="student checkpoint directory (block_diffusion, fast_dvla, vanilla_cached)")
+    p.add_argument("--ud-vla", metavar="CKPT", help="a UD-VLA checkpoint folder (UD-VLA's format), timed on random "
+                   "VQ codes")
     p.add_argument("--random", action="store_true", help="a random-init model even if the reference is shipped")
     p.add_argument("--model", help="with --random: ModelConfig fields as KEY=VALUE,... (e.g. hidden_size=4096,"
                    "num_heads=32,num_kv_heads=8,num_layers=2,intermediate_size=14336)")

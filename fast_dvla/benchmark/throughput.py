@@ -11,7 +11,7 @@ import resource
 import torch
 from tqdm import tqdm
 
-from fast_dvla import DecodeConfig, FastDVLAPolicy
+from fast_dvla import DecodeConfig, FastDVLAPolicy, decode
 from fast_dvla.config import METHODS, TUNABLE_SETTINGS, add_setting_arguments
 
 from .timing import summarize, timed
@@ -84,19 +84,57 @@ def measure(teacher: FastDVLAPolicy, student: FastDVLAPolicy, observations: list
     batch = 1 if isinstance(observations[0]["instruction"], str) else len(observations[0]["instruction"])
     rows = []
     for m in methods:
-        lat = summarize(times[m])
         # per policy: a student may execute fewer steps of each chunk than its teacher
         policy = policy_for(m, teacher, student)
-        chunk_tokens, steps = policy.model.chunk_len * batch, policy.n_action_steps
-        rows.append({
-            "method": m, "nfe": sum(nfe[m]) / len(nfe[m]), "query_tokens": sum(query[m]) / len(query[m]),
+        rows.append(timing_row(m, times[m], nfe[m], query[m], policy.model.chunk_len * batch,
+                               policy.n_action_steps, peak[m] if device.type == "cuda" else None))
+    return with_speedup(rows)
+
+
+def measure_decode(models: dict, prefixes: list[torch.Tensor], configs: dict, methods=METHODS, warmup: int = 2,
+                   progress: bool = True) -> list[dict]:
+    """``measure`` for a model that is not a policy (e.g. one whose observations come from another
+    model's image tokenizer): ``decode(models[m], prefix, configs[m])`` on prefix embeddings
+    ``[B, P, H]``, the same rows without action Hz (a chunk's actions are the model's own affair)."""
+    if not prefixes:
+        raise ValueError("need at least one prefix to time")
+    device = prefixes[0].device
+    for m in methods:
+        for _ in range(warmup):
+            decode(models[m], prefixes[0], configs[m])
+    times, nfe, query = ({m: [] for m in methods} for _ in range(3))
+    peak = {m: 0 for m in methods}
+    for prefix in tqdm(prefixes, desc="timing decoders", disable=not progress):
+        for m in methods:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            result, dt = timed(lambda: decode(models[m], prefix, configs[m]), device)
+            if device.type == "cuda":
+                peak[m] = max(peak[m], torch.cuda.max_memory_allocated(device))
+            times[m].append(dt)
+            nfe[m].append(result.stats.nfe)
+            query[m].append(result.stats.query_tokens)
+    batch = prefixes[0].shape[0]
+    rows = [timing_row(m, times[m], nfe[m], query[m], models[m].chunk_len * batch, None,
+                       peak[m] if device.type == "cuda" else None) for m in methods]
+    return with_speedup(rows)
+
+
+def timing_row(method: str, times: list[float], nfe: list, query: list, chunk_tokens: int,
+               action_steps: int | None, peak_bytes: int | None) -> dict:
+    """One decoder's row: NFE and query tokens per chunk (means), latency median/p90 and rates."""
+    lat = summarize(times)
+    return {"method": method, "nfe": sum(nfe) / len(nfe), "query_tokens": sum(query) / len(query),
             "latency_ms": lat["median_s"] * 1e3, "p90_ms": lat["p90_s"] * 1e3,
             "tokens_per_s": chunk_tokens / lat["median_s"], "chunk_hz": 1.0 / lat["median_s"],
-            "action_hz": steps / lat["median_s"], "chunks_timed": lat["n"],
-            "peak_mem_mb": peak[m] / 2**20 if device.type == "cuda" else None,
-        })
-    if "vanilla" in methods:
-        vanilla = next(r for r in rows if r["method"] == "vanilla")
+            "action_hz": None if action_steps is None else action_steps / lat["median_s"],
+            "chunks_timed": lat["n"], "peak_mem_mb": None if peak_bytes is None else peak_bytes / 2**20}
+
+
+def with_speedup(rows: list[dict]) -> list[dict]:
+    """Each row's action tokens/s over vanilla's (when vanilla ran)."""
+    vanilla = next((r for r in rows if r["method"] == "vanilla"), None)
+    if vanilla is not None:
         for r in rows:
             r["speedup"] = r["tokens_per_s"] / vanilla["tokens_per_s"]
     return rows
