@@ -320,6 +320,8 @@ def test_convergence_command_writes_its_table(tmp_path):
 
 
 def test_convergence_summary_counts_steps_and_ratios_per_seed():
+    import json
+
     from fast_dvla_eval import convergence
 
     def seed(target, **accs):  # a teacher at 1.0 and a target of `target` of it
@@ -329,7 +331,9 @@ def test_convergence_summary_counts_steps_and_ratios_per_seed():
 
     seeds = [seed(0.5, a=[0.4, 0.5, 0.6, 0.6], b=[0.4, 0.45, 0.5, 0.6], c=[0.1, 0.2, 0.3, 0.5], d=[0.1, 0.2, 0.3, 0.4]),
              seed(0.5, a=[0.4, 0.45, 0.5, 0.6], b=[0.4, 0.4, 0.4, 0.5], c=[0.1, 0.2, 0.3, 0.4], d=[0.1, 0.1, 0.1, 0.1])]
-    rows = {r["run"]: r for r in convergence.summarise(seeds, steps=75)}
+    summary = convergence.summarise(seeds, steps=75)
+    json.dumps(summary)  # plain Python values: the command writes them as JSON
+    rows = {r["run"]: r for r in summary}
     a, b, c, d = (rows[n] for n in convergence.RUNS)
     assert a["steps_to_target"] == [25, 50] and a["x_slower"] == 1.0 and a["reached"] == "2/2"
     assert b["steps_to_target"] == [50, 75] and b["x_slower"] == 1.75  # median of 2.0 and 1.5

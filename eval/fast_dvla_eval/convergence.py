@@ -2,7 +2,7 @@
 distillation apart: the teacher's soft targets (asymmetric distillation vs the block-diffusion loss
 on the ground truth) and the teacher's weights (initialised from the teacher vs from scratch).
 
-    fast-dvla convergence [--seeds 0,1,2] [--steps 400] [--eval-every 25] [--out outputs/convergence]
+    fast-dvla convergence [--seeds 0,1,2] [--steps 600] [--eval-every 25] [--out outputs/convergence]
 
 Each seed trains its own teacher, then the four students from it. Metric: action-token accuracy of
 the student's ``fast_dvla`` decoding on held-out episodes; "steps to target" is the first
@@ -108,10 +108,10 @@ def summarise(seeds: list[dict], steps: int) -> list[dict]:
                 ratios.append((mine if mine is not None else float("inf")) / base)
         median_steps = float(np.median([g if g is not None else float("inf") for g in got]))
         rows.append({"run": name, "reached": f"{sum(g is not None for g in got)}/{len(got)}",
-                     "steps_to_target": [g for g in got],
+                     "steps_to_target": list(got),
                      "median_steps": None if np.isinf(median_steps) else median_steps,
                      "x_slower": float(np.median(ratios)) if ratios else None,
-                     "x_slower_at_least": bool(ratios) and np.isinf(float(np.median(ratios))),
+                     "x_slower_at_least": bool(ratios) and bool(np.isinf(np.median(ratios))),
                      "start_minus_target": float(np.mean(starts)),
                      "final_accuracy": float(np.mean(finals)), "final_min": min(finals), "final_max": max(finals)})
     bases = [s["steps_to_target"][BASELINE] for s in seeds if s["steps_to_target"][BASELINE]]
@@ -155,9 +155,9 @@ COLUMNS = [("run", "student", "s"), ("reached", "seeds at target", "s"), ("media
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=400, help="training steps of each student run")
+    p.add_argument("--steps", type=int, default=600, help="training steps of each student run")
     p.add_argument("--eval-every", type=int, default=25)
-    p.add_argument("--teacher-steps", type=int, default=1000)
+    p.add_argument("--teacher-steps", type=int, default=3000)
     p.add_argument("--episodes", type=int, default=60)
     p.add_argument("--horizon", type=int, default=TINY["horizon"], help="chunk length in steps")
     p.add_argument("--block-size", type=int, default=TINY["block_size"], help="the student's block size in tokens")
