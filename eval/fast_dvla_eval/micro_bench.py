@@ -122,9 +122,9 @@ def ud_vla_prefixes(model, repeats: int, seed: int) -> list[torch.Tensor]:
 def run_ud_vla(args, methods) -> dict:
     from fast_dvla.adapters import UDVLA
 
-    if args.teacher or args.student or args.random or args.data or args.batch != 1:
-        raise SystemExit("--ud-vla times one checkpoint on random VQ codes: no --teacher/--student/--random/--data, "
-                         "batch 1")
+    if args.teacher or args.student or args.random or args.model or args.data or args.attn_backend or args.batch != 1:
+        raise SystemExit("--ud-vla times one checkpoint on random VQ codes with its own attention: no --teacher/"
+                         "--student/--random/--model/--data/--attn-backend, batch 1")
     model = UDVLA.from_pretrained(args.ud_vla, dtype=DTYPES[args.dtype]).to(args.device)
     given = {k: v for k, v in overrides_from(args).items() if v is not None}
     configs = {m: DecodeConfig(method=m).replace(**given) for m in methods}
