@@ -101,6 +101,12 @@ def attention_backend(model) -> str:
     return name or f"{type(model).__name__}'s own"
 
 
+def run_context() -> dict:
+    """Where and when a run was timed (called after timing: the peak memory includes it)."""
+    return {"torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+            "peak_rss_mb": process_peak_rss_mb(), "date": datetime.date.today().isoformat()}
+
+
 UD_VLA_GRIDS = {"static": (25, 25), "gripper": (10, 10)}  # VQ code grids of UD-VLA's CALVIN evaluation
 EMU3_CODEBOOK = 32768  # Emu3's VQ codes
 
@@ -138,8 +144,7 @@ def run_ud_vla(args, methods) -> dict:
             "block_size": model.block_size, "device": args.device, "dtype": args.dtype,
             "attn_backend": attention_backend(model), "observations": "random VQ codes", "batch": 1,
             "repeats": len(prefixes), "decode": {m: c.to_dict() for m, c in configs.items()},
-            "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-            "peak_rss_mb": process_peak_rss_mb(), "date": datetime.date.today().isoformat(), "results": rows}
+            **run_context(), "results": rows}
 
 
 def run(args) -> dict:
@@ -176,9 +181,7 @@ def run(args) -> dict:
     return {"model": model_desc, "model_config": model_settings(student.model), "device": args.device,
             "dtype": args.dtype, "attn_backend": attention_backend(student.model),
             "observations": args.data or "random", "batch": args.batch, "repeats": len(obs),
-            "decode": {m: c.to_dict() for m, c in configs.items()},
-            "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-            "peak_rss_mb": process_peak_rss_mb(), "date": datetime.date.today().isoformat(), "results": rows}
+            "decode": {m: c.to_dict() for m, c in configs.items()}, **run_context(), "results": rows}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -2,13 +2,22 @@
 from __future__ import annotations
 
 
-def plot_curves(runs: dict[str, list[dict]], key: str, path: str, title: str = "", x: str = "step",
-                logy: bool = True) -> None:
+def _pyplot():
+    """matplotlib's pyplot on the headless backend, or None when matplotlib is absent (plots are
+    optional: the JSON beside them has the numbers)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:  # plots are optional: the JSON beside them has the numbers
+    except ImportError:
+        return None
+    return plt
+
+
+def plot_curves(runs: dict[str, list[dict]], key: str, path: str, title: str = "", x: str = "step",
+                logy: bool = True) -> None:
+    plt = _pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, history in runs.items():
@@ -30,12 +39,10 @@ def plot_bands(runs: dict[str, list[list[dict]]], key: str, path: str, title: st
                hline: float | None = None, hline_label: str = "") -> None:
     """One line per run (the mean over its seeds) in a band from the lowest to the highest seed;
     each run's seeds must share their x values. ``hline`` draws a reference level (e.g. a target)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import numpy as np
-    except ImportError:
+    import numpy as np
+
+    plt = _pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for name, seeds in runs.items():
