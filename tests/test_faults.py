@@ -110,6 +110,7 @@ def test_bench_libero_resumes_only_with_the_same_arguments(tmp_path):
 
     from fast_dvla import DecodeConfig
     from fast_dvla_eval import bench_libero
+    from fast_dvla_eval.closed_loop_bench import open_journal
 
     parser = argparse.ArgumentParser()
     bench_libero.add_arguments(parser)
@@ -117,7 +118,7 @@ def test_bench_libero_resumes_only_with_the_same_arguments(tmp_path):
 
     def journal_of(*flags):
         args = parser.parse_args(["--out", str(tmp_path / "b"), "--shard", "0/2", *flags])
-        return bench_libero.open_journal(args, configs)
+        return open_journal(args, bench_libero.journal_arguments(args, configs), "episodes")
 
     with journal_of("--tasks", "0") as journal:
         journal.record("vanilla", 0, 15, episode())

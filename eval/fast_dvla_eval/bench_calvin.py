@@ -26,26 +26,21 @@ the chains it holds.
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from fast_dvla import FastDVLAPolicy
-from fast_dvla.benchmark.agreement import token_agreement
-from fast_dvla.benchmark.report import markdown_table, settings_text, write_json
+from fast_dvla.benchmark.report import markdown_table, settings_text
 from fast_dvla.benchmark.throughput import COLUMNS as SPEED_COLUMNS
-from fast_dvla.benchmark.throughput import (add_override_arguments, measure, overrides_from, parse_decoders,
-                                            policy_configs, policy_for, process_peak_rss_mb)
-from fast_dvla.config import METHODS
+from fast_dvla.benchmark.throughput import overrides_from, parse_decoders, policy_for
 from fast_dvla.envs import calvin_protocol as protocol
 from fast_dvla.envs.calvin_rollout import CHAIN_SETS, calvin_chains, calvin_jobs, run_chain
-from fast_dvla.envs.journal import EpisodeJournal, journal_path, policy_location
-from fast_dvla.envs.sharding import parse_shard, read_shards, shard_stem
-from fast_dvla.policy import reference_policy_dir
+from fast_dvla.envs.journal import policy_location
+from fast_dvla.envs.sharding import parse_shard
+from fast_dvla.plotting import headless_pyplot
+
+from .closed_loop_bench import (add_run_arguments, add_speed_phase, load_pair, merge_shards, open_journal,
+                                run_main, run_record, write_report)
 
 SUITE = "calvin_D"
 
@@ -81,25 +76,13 @@ def run(args) -> dict:
     jobs = calvin_jobs(chains, args.shard)
     shard = parse_shard(args.shard)[0]
     methods = parse_decoders(args.decoders)
-    teacher = FastDVLAPolicy.from_pretrained(args.teacher or reference_policy_dir("teacher", SUITE))
-    student = FastDVLAPolicy.from_pretrained(args.student or reference_policy_dir("student", SUITE))
-    try:
-        configs = policy_configs(methods, teacher, student, **overrides_from(args))
-        reference = policy_configs(["vanilla"], teacher, student, **overrides_from(args))["vanilla"]
-    except ValueError as e:
-        raise SystemExit(f"bad decoding settings: {e}")
+    teacher, student, configs, reference = load_pair(args, methods, SUITE)
     from fast_dvla.envs.calvin_env import CalvinEnv  # after the cheap checks: building the scene takes a while
 
-    path = journal_path(shard_stem(args.out, args.shard))
-    try:
-        journal = EpisodeJournal(path, journal_arguments(args, configs, subtasks), fresh=args.fresh)
-    except ValueError as e:
-        raise SystemExit(str(e))
+    journal = open_journal(args, journal_arguments(args, configs, subtasks), "chains")
     first = methods[0]
     observations: list = []
     with journal, CalvinEnv(image_size=teacher.model.config.image_size, calvin_path=args.calvin_env) as env:
-        if len(journal):
-            print(f"resuming from {path}: {len(journal)} chains done")
         if shard == 0:
             for i in jobs:
                 if journal.done(first, 0, i):
@@ -122,31 +105,12 @@ def run(args) -> dict:
         bar.close()
         episodes = {m: [journal.result(m, 0, i) for i in jobs] for m in methods}
     result = {"suite": SUITE, "chain_set": args.chain_set, "subtasks": subtasks, "seed": args.seed,
-              "steps_per_subtask": args.steps_per_subtask, "decode": {m: c.to_dict() for m, c in configs.items()},
-              "date": datetime.date.today().isoformat(), "machine": platform.machine(),
-              "torch_threads": torch.get_num_threads(),
-              "teacher": args.teacher or "shipped reference", "student": args.student or "shipped reference",
-              "shard": args.shard, "episodes": episodes}
-    if observations:
-        result["throughput"] = measure(teacher, student, observations, configs, methods, warmup=2)
-        result["agreement"] = token_agreement(teacher, student, observations[: args.agreement_obs], configs,
-                                              methods, reference)
-        result["timing_observations"] = len(observations)
-    result["peak_rss_mb"] = process_peak_rss_mb()
-    return result
+              "steps_per_subtask": args.steps_per_subtask, **run_record(args, configs, episodes)}
+    return add_speed_phase(result, args, teacher, student, observations, configs, methods, reference)
 
 
 def merge(results: list[dict]) -> dict:
-    results = sorted(results, key=lambda r: int(str(r.get("shard", "0/1")).split("/")[0]))
-    first = next((r for r in results if "throughput" in r), results[0])
-    merged = {k: v for k, v in first.items() if k != "episodes"}
-    merged["episodes"] = {}
-    for r in results:
-        for m, eps in r["episodes"].items():
-            merged["episodes"].setdefault(m, []).extend(eps)
-    for eps in merged["episodes"].values():
-        eps.sort(key=lambda e: e["chain_index"])
-    return merged
+    return merge_shards(results, order=lambda chain: chain["chain_index"])
 
 
 def table_rows(result: dict) -> list[dict]:
@@ -182,11 +146,8 @@ COLUMNS = ([("method", "decoder", "s"), ("chains", "chains", "d"), ("avg_len", "
 
 
 def plot(rows: list[dict], path: str) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = headless_pyplot()
+    if plt is None:
         return
     names = [r["method"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
@@ -222,12 +183,7 @@ def report(result: dict, out: str) -> None:
     columns = [("subtask", "subtask", "s")] + [(m, m, "s") for m in result["episodes"]]
     table += "\n\nsuccess per subtask (attempts: the chains that reached it):\n\n" + markdown_table(
         per_subtask_rows(result), columns)
-    print(header + "\n\n" + table)
-    write_json(out + ".json", result)
-    with open(out + ".md", "w") as f:
-        f.write(header + "\n\n" + table + "\n")
-    plot(rows, out + ".png")
-    print(f"wrote {out}.json, .md and .png")
+    write_report(result, out, header + "\n\n" + table, lambda path: plot(rows, path))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -241,29 +197,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "demonstrations used seed 0)")
     p.add_argument("--steps-per-subtask", type=int, default=protocol.STEPS_PER_SUBTASK)
     p.add_argument("--calvin-env", default=None, help="path of a calvin_env checkout, if it is not installed")
-    p.add_argument("--decoders", default=",".join(METHODS))
-    p.add_argument("--timing-obs", type=int, default=24, help="observations kept for the throughput phase")
-    p.add_argument("--agreement-obs", type=int, default=12)
-    add_override_arguments(p)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own, one per core)")
-    p.add_argument("--shard", default=None, help="i/n: run every n-th chain from the i-th (default: torchrun rank)")
-    p.add_argument("--merge", nargs="+", help="merge shard JSON files instead of running")
-    p.add_argument("--out", default="outputs/bench_calvin", help="path stem for .json, .md and .png (and the "
-                   "journal <stem>.episodes.jsonl)")
-    p.add_argument("--fresh", action="store_true", help="discard the journal of an earlier run and start over")
+    add_run_arguments(p, "chain", "outputs/bench_calvin")
 
 
 def main(args) -> None:
-    if args.merge:
-        report(merge(read_shards(args.merge)), args.out)
-        return
-    if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit("--threads must be >= 1")
-        torch.set_num_threads(args.threads)
-    if args.steps_per_subtask < 1:
+    if not args.merge and args.steps_per_subtask < 1:
         raise SystemExit("--steps-per-subtask must be >= 1")
-    if args.shard is None:
-        args.shard = f"{os.environ.get('RANK', '0')}/{os.environ.get('WORLD_SIZE', '1')}"
-    result = run(args)
-    report(result, shard_stem(args.out, args.shard))
+    run_main(args, run, merge, report)

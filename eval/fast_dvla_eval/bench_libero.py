@@ -23,25 +23,20 @@ them; ``--fresh`` starts over.
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from fast_dvla import FastDVLAPolicy
-from fast_dvla.benchmark.agreement import token_agreement
-from fast_dvla.benchmark.report import markdown_table, settings_text, write_json
+from fast_dvla.benchmark.report import markdown_table, settings_text
 from fast_dvla.benchmark.throughput import COLUMNS as SPEED_COLUMNS
-from fast_dvla.benchmark.throughput import (add_override_arguments, measure, overrides_from, parse_decoders,
-                                            policy_configs, policy_for, process_peak_rss_mb)
-from fast_dvla.config import METHODS
-from fast_dvla.envs.journal import EpisodeJournal, journal_path, policy_location
+from fast_dvla.benchmark.throughput import overrides_from, parse_decoders, policy_for
+from fast_dvla.envs.journal import EpisodeJournal, policy_location
 from fast_dvla.envs.rollout import libero_jobs, libero_task_envs, run_episode
-from fast_dvla.envs.sharding import parse_shard, read_shards, shard_stem
-from fast_dvla.policy import reference_policy_dir
+from fast_dvla.envs.sharding import parse_shard
+from fast_dvla.plotting import headless_pyplot
+
+from .closed_loop_bench import (add_run_arguments, add_speed_phase, load_pair, merge_shards, open_journal,
+                                run_main, run_record, write_report)
 
 
 def journal_arguments(args, configs: dict) -> dict:
@@ -55,18 +50,6 @@ def journal_arguments(args, configs: dict) -> dict:
     given.update({f"--{name.replace('_', '-')}": value for name, value in overrides_from(args).items()})
     given["decoding settings"] = {m: c.to_dict() for m, c in configs.items()}
     return given
-
-
-def open_journal(args, configs: dict) -> EpisodeJournal:
-    """This run's journal (its shard's), resumed if it holds episodes; exits naming a differing argument."""
-    path = journal_path(shard_stem(args.out, args.shard))
-    try:
-        journal = EpisodeJournal(path, journal_arguments(args, configs), fresh=args.fresh)
-    except ValueError as e:
-        raise SystemExit(str(e))
-    if len(journal):
-        print(f"resuming from {path}: {len(journal)} episodes done")
-    return journal
 
 
 def run_episodes(args, jobs, methods, configs, teacher, student, journal: EpisodeJournal,
@@ -109,41 +92,17 @@ def run(args) -> dict:
     jobs = libero_jobs(args.suite, args.tasks, args.init_states, args.shard)  # bad ids fail before any loading
     shard = parse_shard(args.shard)[0]
     methods = parse_decoders(args.decoders)
-    teacher = FastDVLAPolicy.from_pretrained(args.teacher or reference_policy_dir("teacher"))
-    student = FastDVLAPolicy.from_pretrained(args.student or reference_policy_dir("student"))
-    overrides = overrides_from(args)
-    try:
-        configs = policy_configs(methods, teacher, student, **overrides)
-        reference = policy_configs(["vanilla"], teacher, student, **overrides)["vanilla"]
-    except ValueError as e:
-        raise SystemExit(f"bad decoding settings: {e}")
-    with open_journal(args, configs) as journal:
+    teacher, student, configs, reference = load_pair(args, methods)
+    with open_journal(args, journal_arguments(args, configs), "episodes") as journal:
         # speed is measured in one process (shard 0), on observations from its episodes
         episodes, observations = run_episodes(args, jobs, methods, configs, teacher, student, journal,
                                               keep_timing=shard == 0)
-    result = {"suite": args.suite, "decode": {m: c.to_dict() for m, c in configs.items()},
-              "date": datetime.date.today().isoformat(), "machine": platform.machine(),
-              "torch_threads": torch.get_num_threads(),
-              "teacher": args.teacher or "shipped reference", "student": args.student or "shipped reference",
-              "shard": args.shard, "episodes": episodes}
-    if observations:
-        result["throughput"] = measure(teacher, student, observations, configs, methods, warmup=2)
-        result["agreement"] = token_agreement(teacher, student, observations[: args.agreement_obs], configs, methods,
-                                              reference)
-        result["timing_observations"] = len(observations)
-    result["peak_rss_mb"] = process_peak_rss_mb()
-    return result
+    result = {"suite": args.suite, **run_record(args, configs, episodes)}
+    return add_speed_phase(result, args, teacher, student, observations, configs, methods, reference)
 
 
 def merge(results: list[dict]) -> dict:
-    results = sorted(results, key=lambda r: int(str(r.get("shard", "0/1")).split("/")[0]))
-    first = next((r for r in results if "throughput" in r), results[0])
-    merged = {k: v for k, v in first.items() if k != "episodes"}
-    merged["episodes"] = {}
-    for r in results:
-        for m, eps in r["episodes"].items():
-            merged["episodes"].setdefault(m, []).extend(eps)
-    return merged
+    return merge_shards(results)
 
 
 def table_rows(result: dict) -> list[dict]:
@@ -175,11 +134,8 @@ COLUMNS = [("method", "decoder", "s"), ("episodes", "episodes", "d"), ("success"
 
 
 def plot(rows: list[dict], path: str) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = headless_pyplot()
+    if plt is None:
         return
     names = [r["method"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
@@ -207,12 +163,7 @@ def report(result: dict, out: str) -> None:
     if len(per_task) > 1:
         columns = [("task", "task", "d")] + [(m, m, "s") for m in result["episodes"]]
         table += "\n\nsuccess per task:\n\n" + markdown_table(per_task, columns)
-    print(header + "\n\n" + table)
-    write_json(out + ".json", result)
-    with open(out + ".md", "w") as f:
-        f.write(header + "\n\n" + table + "\n")
-    plot(rows, out + ".png")
-    print(f"wrote {out}.json, .md and .png")
+    write_report(result, out, header + "\n\n" + table, lambda path: plot(rows, path))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -222,29 +173,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", default="0,5", help="'all' or ids like 0-9")
     p.add_argument("--init-states", default="15", help="official initial-state ids, e.g. 15-49 (the shipped "
                    "reference was trained on demonstrations from 0-14: 15 on are held out)")
-    p.add_argument("--decoders", default=",".join(METHODS))
     p.add_argument("--max-steps", type=int, default=None, help="default: the suite's usual limit")
-    p.add_argument("--timing-obs", type=int, default=24, help="observations kept for the throughput phase")
-    p.add_argument("--agreement-obs", type=int, default=12)
-    add_override_arguments(p)  # unset: each decoder runs with the settings saved in its policy's config.json
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own, one per core)")
-    p.add_argument("--shard", default=None, help="i/n: run every n-th episode from the i-th (default: torchrun rank)")
-    p.add_argument("--merge", nargs="+", help="merge shard JSON files instead of running")
-    p.add_argument("--out", default="outputs/bench_libero", help="path stem for .json, .md and .png; the run's "
-                   "journal, <stem>.episodes.jsonl, lets a killed run resume when re-run with the same arguments")
-    p.add_argument("--fresh", action="store_true", help="discard the journal of an earlier run with this --out "
-                   "and --shard, and run every episode again")
+    add_run_arguments(p, "episode", "outputs/bench_libero")
 
 
 def main(args) -> None:
-    if args.merge:
-        report(merge(read_shards(args.merge)), args.out)
-        return
-    if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit("--threads must be >= 1")
-        torch.set_num_threads(args.threads)
-    if args.shard is None:
-        args.shard = f"{os.environ.get('RANK', '0')}/{os.environ.get('WORLD_SIZE', '1')}"
-    result = run(args)
-    report(result, shard_stem(args.out, args.shard))
+    run_main(args, run, merge, report)

@@ -1,22 +1,12 @@
 """Curves as PNG (matplotlib, headless)."""
 from __future__ import annotations
 
-
-def _pyplot():
-    """matplotlib's pyplot on the headless backend, or None when matplotlib is absent (plots are
-    optional: the JSON beside them has the numbers)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
+from ..plotting import headless_pyplot
 
 
 def plot_curves(runs: dict[str, list[dict]], key: str, path: str, title: str = "", x: str = "step",
                 logy: bool = True) -> None:
-    plt = _pyplot()
+    plt = headless_pyplot()
     if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -41,7 +31,7 @@ def plot_bands(runs: dict[str, list[list[dict]]], key: str, path: str, title: st
     each run's seeds must share their x values. ``hline`` draws a reference level (e.g. a target)."""
     import numpy as np
 
-    plt = _pyplot()
+    plt = headless_pyplot()
     if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6.5, 4))

@@ -2,15 +2,15 @@
 teacher, the policy's current setting and the recommendation marked."""
 from __future__ import annotations
 
+from ..plotting import headless_pyplot
 from .recommend import SPEED_KEY, Metric, pareto_front
 
 
 def pareto_plot(rows: list[dict], teacher: dict, metric: Metric, path: str, current: str | None = None,
                 recommended: str | None = None, title: str = "") -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = headless_pyplot()
+    if plt is None:
+        return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.scatter([r[SPEED_KEY] for r in rows], [r[metric.key] for r in rows], color="tab:blue", s=22,
                label="settings", zorder=2)
