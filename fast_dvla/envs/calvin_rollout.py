@@ -1,10 +1,10 @@
 """Closed-loop CALVIN chains of a policy, timed around its own calls."""
 from __future__ import annotations
 
-from ..benchmark.timing import timed
 from ..config import DecodeConfig
 from ..policy import FastDVLAPolicy
 from . import calvin_protocol as protocol
+from .rollout import ChunkLog
 from .sharding import shard_of
 
 CHAIN_SETS = ("covered", "official")
@@ -19,21 +19,13 @@ def run_chain(env, policy: FastDVLAPolicy, config: DecodeConfig, condition: dict
     Each call that decodes a chunk is timed (latency, NFE, query tokens); ``keep_obs`` collects
     the observations those chunks were decoded from."""
     env.reset(*protocol.initial_scene(condition))
-    latencies, nfe, query, subtasks = [], [], [], []
+    log, subtasks = ChunkLog(keep_obs), []
     for name in chain:
         obs = env.start_subtask(name, protocol.INSTRUCTIONS[name])
         policy.reset()
         success, steps = False, 0
         for steps in range(1, steps_per_subtask + 1):
-            decodes = policy.needs_chunk
-            if decodes and keep_obs is not None:
-                keep_obs.append(obs)
-            action, seconds = timed(lambda: policy.select_action(obs, config), policy.device)
-            if decodes:
-                latencies.append(seconds)
-                nfe.append(policy.last_stats.nfe)
-                query.append(policy.last_stats.query_tokens)
-            obs, info = env.step(action)
+            obs, info = env.step(log.act(policy, obs, config))
             if info["success"]:
                 success = True
                 break
@@ -41,8 +33,7 @@ def run_chain(env, policy: FastDVLAPolicy, config: DecodeConfig, condition: dict
         if not success:
             break
     completed = sum(s["success"] for s in subtasks)
-    return {"completed": completed, "chain": list(chain), "subtasks": subtasks,
-            "chunk_latency_s": latencies, "nfe": nfe, "query_tokens": query}
+    return {"completed": completed, "chain": list(chain), "subtasks": subtasks, **log.fields()}
 
 
 def calvin_chains(num_chains: int, chain_set: str, subtasks=None, seed: int = 0) -> list[tuple[dict, tuple]]:

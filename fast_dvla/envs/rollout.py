@@ -7,6 +7,32 @@ from ..policy import FastDVLAPolicy
 from .sharding import parse_range, shard_of
 
 
+class ChunkLog:
+    """A closed loop's decoded chunks: each ``act`` that decodes one is timed around the policy's own
+    call (latency, NFE, query tokens), its observation appended to ``keep_obs`` when given."""
+
+    def __init__(self, keep_obs: list | None = None):
+        self.keep_obs = keep_obs
+        self.latencies: list[float] = []
+        self.nfe: list[int] = []
+        self.query: list[int] = []
+
+    def act(self, policy: FastDVLAPolicy, obs: dict, config: DecodeConfig):
+        """``policy.select_action(obs, config)``, logged when it decodes a chunk."""
+        decodes = policy.needs_chunk
+        if decodes and self.keep_obs is not None:
+            self.keep_obs.append(obs)
+        action, seconds = timed(lambda: policy.select_action(obs, config), policy.device)
+        if decodes:
+            self.latencies.append(seconds)
+            self.nfe.append(policy.last_stats.nfe)
+            self.query.append(policy.last_stats.query_tokens)
+        return action
+
+    def fields(self) -> dict:
+        return {"chunk_latency_s": self.latencies, "nfe": self.nfe, "query_tokens": self.query}
+
+
 def run_episode(env, policy: FastDVLAPolicy, config: DecodeConfig, init: int, max_steps: int,
                 keep_obs: list | None = None) -> dict:
     """One episode from initial state ``init``: ``env.reset(init)``, then ``policy.select_action``
@@ -16,22 +42,14 @@ def run_episode(env, policy: FastDVLAPolicy, config: DecodeConfig, init: int, ma
     the observations those chunks were decoded from (for timing decoders on them later)."""
     obs = env.reset(init)
     policy.reset()
-    latencies, nfe, query = [], [], []
+    log = ChunkLog(keep_obs)
     success, steps = False, 0
     for steps in range(1, max_steps + 1):
-        decodes = policy.needs_chunk
-        if decodes and keep_obs is not None:
-            keep_obs.append(obs)
-        action, seconds = timed(lambda: policy.select_action(obs, config), policy.device)
-        if decodes:
-            latencies.append(seconds)
-            nfe.append(policy.last_stats.nfe)
-            query.append(policy.last_stats.query_tokens)
-        obs, _, done, info = env.step(action)
+        obs, _, done, info = env.step(log.act(policy, obs, config))
         if done or info["success"]:
             success = True
             break
-    return {"success": success, "steps": steps, "chunk_latency_s": latencies, "nfe": nfe, "query_tokens": query}
+    return {"success": success, "steps": steps, **log.fields()}
 
 
 def libero_jobs(suite: str, tasks: str, init_states: str, shard: str) -> list[tuple[int, int]]:
