@@ -110,7 +110,7 @@ def test_bench_libero_resumes_only_with_the_same_arguments(tmp_path):
 
     from fast_dvla import DecodeConfig
     from fast_dvla_eval import bench_libero
-    from fast_dvla_eval.closed_loop_bench import open_journal
+    from fast_dvla.benchmark.closed_loop import open_journal
 
     parser = argparse.ArgumentParser()
     bench_libero.add_arguments(parser)

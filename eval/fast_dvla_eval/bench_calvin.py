@@ -30,6 +30,8 @@ import argparse
 import numpy as np
 from tqdm import tqdm
 
+from fast_dvla.benchmark.closed_loop import (add_run_arguments, add_speed_phase, load_pair, merge_shards,
+                                             open_journal, run_main, run_record, write_report)
 from fast_dvla.benchmark.report import markdown_table, settings_text
 from fast_dvla.benchmark.throughput import COLUMNS as SPEED_COLUMNS
 from fast_dvla.benchmark.throughput import overrides_from, parse_decoders, policy_for
@@ -38,9 +40,6 @@ from fast_dvla.envs.calvin_rollout import CHAIN_SETS, calvin_chains, calvin_jobs
 from fast_dvla.envs.journal import policy_location
 from fast_dvla.envs.sharding import parse_shard
 from fast_dvla.plotting import headless_pyplot
-
-from .closed_loop_bench import (add_run_arguments, add_speed_phase, load_pair, merge_shards, open_journal,
-                                run_main, run_record, write_report)
 
 SUITE = "calvin_D"
 

@@ -27,6 +27,8 @@ import argparse
 import numpy as np
 from tqdm import tqdm
 
+from fast_dvla.benchmark.closed_loop import (add_run_arguments, add_speed_phase, load_pair, merge_shards,
+                                             open_journal, run_main, run_record, write_report)
 from fast_dvla.benchmark.report import markdown_table, settings_text
 from fast_dvla.benchmark.throughput import COLUMNS as SPEED_COLUMNS
 from fast_dvla.benchmark.throughput import overrides_from, parse_decoders, policy_for
@@ -34,9 +36,6 @@ from fast_dvla.envs.journal import EpisodeJournal, policy_location
 from fast_dvla.envs.rollout import libero_jobs, libero_task_envs, run_episode
 from fast_dvla.envs.sharding import parse_shard
 from fast_dvla.plotting import headless_pyplot
-
-from .closed_loop_bench import (add_run_arguments, add_speed_phase, load_pair, merge_shards, open_journal,
-                                run_main, run_record, write_report)
 
 
 def journal_arguments(args, configs: dict) -> dict:

@@ -12,15 +12,13 @@ from typing import Callable
 
 import torch
 
-from fast_dvla import FastDVLAPolicy
-from fast_dvla.benchmark.agreement import token_agreement
-from fast_dvla.benchmark.report import write_json
-from fast_dvla.benchmark.throughput import (add_override_arguments, measure, overrides_from, policy_configs,
-                                            process_peak_rss_mb)
-from fast_dvla.config import METHODS
-from fast_dvla.envs.journal import EpisodeJournal, journal_path
-from fast_dvla.envs.sharding import read_shards, shard_stem
-from fast_dvla.policy import reference_policy_dir
+from ..config import METHODS
+from ..envs.journal import EpisodeJournal, journal_path
+from ..envs.sharding import read_shards, shard_stem
+from ..policy import FastDVLAPolicy, reference_policy_dir
+from .agreement import token_agreement
+from .report import write_json
+from .throughput import add_override_arguments, measure, overrides_from, policy_configs, process_peak_rss_mb
 
 
 def load_pair(args, methods: list[str], suite: str = "libero_object"):
