@@ -1,4 +1,4 @@
-"""matplotlib, headless: every plot in fast-dvla goes through :func:`headless_pyplot`."""
+"""matplotlib, headless: the library's and its commands' plots go through :func:`headless_pyplot`."""
 from __future__ import annotations
 
 

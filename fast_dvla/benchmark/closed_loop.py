@@ -27,9 +27,10 @@ def load_pair(args, methods: list[str], suite: str = "libero_object"):
     policy's saved settings and the override flags on top; exits on a bad setting."""
     teacher = FastDVLAPolicy.from_pretrained(args.teacher or reference_policy_dir("teacher", suite))
     student = FastDVLAPolicy.from_pretrained(args.student or reference_policy_dir("student", suite))
+    overrides = overrides_from(args)
     try:
-        configs = policy_configs(methods, teacher, student, **overrides_from(args))
-        reference = policy_configs(["vanilla"], teacher, student, **overrides_from(args))["vanilla"]
+        configs = policy_configs(methods, teacher, student, **overrides)
+        reference = policy_configs(["vanilla"], teacher, student, **overrides)["vanilla"]
     except ValueError as e:
         raise SystemExit(f"bad decoding settings: {e}")
     return teacher, student, configs, reference
